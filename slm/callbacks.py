@@ -1,0 +1,89 @@
+"""Lightning callbacks that Lightning does not ship: the run's loss history (kept in the
+checkpoint, so a resumed run's ``loss.png`` and ``metrics.json`` count the whole run) and a
+progress bar that shows the optimizer step."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class RunHistory(L.Callback):
+    """Train loss per micro-batch, val loss per validation, tokens seen and wall time."""
+
+    def __init__(self) -> None:
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+        self.tokens = 0
+        self.seconds = 0.0
+        self._t0: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop_clock(self) -> None:
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop_clock()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._stop_clock()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step  # the optimizer step this micro-batch belongs to
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens += batch[0].numel() * trainer.world_size
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.train.append((self._step, float(loss)))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking:  # the full val pass before step 0: the starting point
+            loss = getattr(pl_module, "last_val_loss", None)
+            if trainer.global_step > 0 or self.val:
+                return
+        if loss is not None:
+            self.val.append((trainer.global_step, float(loss)))
+
+    @property
+    def wall_seconds(self) -> float:
+        running = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        return self.seconds + running
+
+    def state_dict(self) -> dict:
+        return {
+            "train": self.train, "val": self.val, "tokens": self.tokens,
+            "seconds": self.wall_seconds,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train = [tuple(x) for x in state["train"]]
+        self.val = [tuple(x) for x in state["val"]]
+        self.tokens, self.seconds = state["tokens"], state["seconds"]
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar, plus the optimizer step (the bar itself counts micro-batches)."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        return {"step": trainer.global_step, **super().get_metrics(trainer, pl_module)}
+
+
+class LastOnException(L.Callback):
+    """Ctrl-C or a crash still leaves ``last.ckpt`` for what was done. (Lightning's
+    ``OnExceptionCheckpoint`` deletes its file at teardown, and ``ModelCheckpoint``'s
+    ``save_on_exception`` names the file like a best checkpoint.)"""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if not trainer.sanity_checking and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)

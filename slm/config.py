@@ -1,0 +1,126 @@
+"""Compose, resolve and check the Hydra config before any work starts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """An invalid combination of config values; the message names the key and the fix."""
+
+
+def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
+    """The config that ``@hydra.main`` would build, for code run outside a Hydra app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except MissingConfigException as e:
+        # Hydra lists the available options over several lines: keep it to one.
+        text = str(e).split("Config search path")[0]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        msg = lines[0].removeprefix("In 'train': ")
+        if len(lines) > 2:
+            msg += f"; choose one of {', '.join(lines[2:])}"
+        raise ConfigError(msg) from e
+
+
+def resolve_hardware(cfg: DictConfig) -> DictConfig:
+    """Fill ``trainer.accelerator``, ``trainer.precision`` and ``compile`` where they are
+    ``auto``: explicit ``trainer.*`` values win over the hardware group, which wins over
+    detection (bf16-mixed where the GPU has bf16, 16-mixed on older GPUs, 32-true on CPU)."""
+    hw = cfg.hardware
+    accelerator = cfg.trainer.accelerator
+    if accelerator == "auto":
+        accelerator = hw.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (hardware={_choice('hardware')}) but this "
+            "machine has no CUDA GPU; use hardware=cpu or hardware=auto"
+        )
+    on_gpu = accelerator in ("gpu", "cuda")
+    precision = str(cfg.trainer.precision)
+    if precision == "auto":
+        precision = str(hw.precision)
+    if precision == "auto":
+        if on_gpu:
+            precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        else:
+            precision = "32-true"
+    if not on_gpu and ("16" in precision):
+        raise ConfigError(
+            f"precision {precision} was asked for on {accelerator}: half precision is for GPUs; "
+            "use trainer.precision=32-true (or hardware=cpu) on a CPU"
+        )
+    compile_ = cfg.compile if cfg.compile != "auto" else hw.compile
+    if compile_ == "auto":
+        compile_ = on_gpu
+    with open_dict(cfg):
+        cfg.trainer.accelerator = accelerator
+        cfg.trainer.precision = precision
+        cfg.compile = bool(compile_)
+    return cfg
+
+
+def _choice(group: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group))
+    except ValueError:
+        return "?"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` on the first invalid combination of values."""
+    m, o, t = cfg.model, cfg.optim, cfg.trainer
+    for key in ("n_layer", "n_head", "n_embd", "block_size"):
+        if not isinstance(m[key], int) or m[key] < 1:
+            raise ConfigError(f"model.{key}={m[key]} must be a positive integer")
+    if m.n_embd % m.n_head != 0:
+        raise ConfigError(
+            f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+            "pick n_embd as a multiple of n_head"
+        )
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if o.min_lr < 0:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must not be negative")
+    if o.min_lr > o.lr:
+        raise ConfigError(
+            f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule would rise "
+            "instead of decay; set min_lr <= lr"
+        )
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must not be negative")
+    if t.max_steps is None or t.max_steps < 1:
+        raise ConfigError(
+            f"trainer.max_steps={t.max_steps} must be a positive number of optimizer steps"
+        )
+    if o.warmup_steps > t.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}; "
+            "lower the warmup or train longer"
+        )
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
+    vw = cfg.data.val_windows
+    if not (vw == "all" or (isinstance(vw, int) and vw >= 1)):
+        raise ConfigError(f"data.val_windows={vw} must be a positive integer or 'all'")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,113 @@
+"""The LightningModule: the GPT, its next-token loss, AdamW and the warmup-cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from slm.model import GPT, GPTConfig
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``lr`` over
+    ``warmup_steps`` steps, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps  # step 0 already trains (nanoGPT)
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+class GPTModule(L.LightningModule):
+    """Built from primitives only (``save_hyperparameters``), so a checkpoint loads with
+    ``GPTModule.load_from_checkpoint(path)`` and no Hydra."""
+
+    def __init__(
+        self,
+        n_layer: int = 6,
+        n_head: int = 6,
+        n_embd: int = 384,
+        block_size: int = 256,
+        vocab_size: int = 50257,
+        dropout: float = 0.0,
+        bias: bool = False,
+        lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 200,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        max_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        if min_lr > lr:
+            raise ValueError(f"min_lr={min_lr} is above lr={lr}: the schedule would rise")
+        self.save_hyperparameters()
+        self.config = GPTConfig(n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias)
+        self.model = GPT(self.config)
+        self._val_sum: list[torch.Tensor] = []
+        self.val_tokens_per_byte: float | None = None  # for val/bpb, from the data's meta.json
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self(x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.global_step}: training diverged; "
+                "try hardware precision bf16-mixed (fp16 overflows) or a lower optim.lr"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # -- validation: token-weighted mean loss over all val windows, then ppl and bpb from it.
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = []
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self(x, y)
+        n = loss.new_tensor(float(y.numel()))
+        self._val_sum.append(torch.stack([loss.float() * n, n]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_sum:
+            return
+        total = torch.stack(self._val_sum).sum(0)
+        total = self.all_gather(total).reshape(-1, 2).sum(0)  # every rank's windows
+        loss = total[0] / total[1]
+        self.last_val_loss = float(loss)  # also seen during the sanity check, when logs are not
+        # sync_dist: the value is already global; it keeps Lightning's DDP logging consistent.
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        if self.val_tokens_per_byte:
+            bpb = loss * self.val_tokens_per_byte / math.log(2)
+            self.log("val/bpb", bpb, sync_dist=True)
+
+    def setup(self, stage: str) -> None:
+        meta = getattr(getattr(self.trainer, "datamodule", None), "meta", None)
+        if meta:
+            val = meta["splits"]["val"]
+            self.val_tokens_per_byte = val["tokens"] / val["bytes"]
+
+    def configure_optimizers(self):
+        h = self.hparams
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else h.max_steps
+        if not max_steps:
+            raise ValueError("trainer.max_steps must be set: the cosine schedule ends there")
+        optimizer = self.model.configure_optimizer(
+            h.lr, h.weight_decay, tuple(h.betas), fused=self.device.type == "cuda"
+        )
+        # LambdaLR multiplies the base lr; Lightning steps it once per optimizer step
+        # ("interval": "step"), so gradient accumulation does not stretch the schedule.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_at(s, h.lr, h.min_lr, h.warmup_steps, max_steps) / h.lr
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }

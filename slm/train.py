@@ -1,0 +1,192 @@
+"""``train(cfg)``: build the data, model and Lightning Trainer from a config and fit.
+
+Kept apart from the ``@hydra.main`` entry (``train.py``) so tests and sweepers call it with a
+composed config. Fills the run directory with TensorBoard logs (``tb/``), ``checkpoints/``
+(best by ``val/loss`` and ``last.ckpt``), ``slm.pt``, ``loss.png`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from slm.callbacks import LastOnException, RunHistory, StepProgressBar
+from slm.config import ConfigError, resolve_hardware, validate
+from slm.data import TokenDataModule
+from slm.module import GPTModule
+
+log = logging.getLogger(__name__)
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """``cfg.run_dir``, else Hydra's output dir, else ``outputs/<time>``."""
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir).expanduser().resolve()
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not inside a Hydra app
+        return Path("outputs", time.strftime("%Y-%m-%d/%H-%M-%S")).resolve()
+
+
+def find_last_checkpoint(run_dir: Path) -> Path:
+    """The newest ``last.ckpt`` of the run dir or, for a fresh Hydra dir, of its outputs root."""
+    for root in (run_dir, run_dir.parent.parent):
+        found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+    raise ConfigError(
+        f"ckpt_path=last: no checkpoints/last.ckpt under {run_dir} or {run_dir.parent.parent}; "
+        "give the checkpoint's path"
+    )
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        return str(find_last_checkpoint(run_dir))
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return str(path.resolve())
+
+
+def build_module(cfg: DictConfig) -> GPTModule:
+    o = cfg.optim
+    return GPTModule(
+        **cfg.model,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        warmup_steps=o.warmup_steps,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        max_steps=cfg.trainer.max_steps,
+    )
+
+
+def build_datamodule(cfg: DictConfig) -> TokenDataModule:
+    return TokenDataModule(**cfg.data, block_size=cfg.model.block_size, seed=cfg.seed)
+
+
+def train(cfg: DictConfig) -> float:
+    """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
+    cfg = resolve_hardware(cfg)
+    validate(cfg)
+    run_dir = run_dir_of(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.accelerator in ("gpu", "cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
+
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg)
+    n = module.model.num_params()
+    log.info(
+        "model: %.2fM parameters (%.2fM non-embedding, %.2fM embedding)",
+        n["total"] / 1e6, n["non_embedding"] / 1e6, n["embedding"] / 1e6,
+    )  # fmt: skip
+
+    ckpt_dir = run_dir / "checkpoints"
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best-step{step}",
+        auto_insert_metric_name=False,
+        monitor="val/loss",
+        mode="min",
+        save_last=True,
+    )
+    history = RunHistory()
+    callbacks = [
+        best,
+        LastOnException(str(ckpt_dir / "last.ckpt")),
+        LearningRateMonitor(logging_interval="step"),
+        history,
+    ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
+    trainer = L.Trainer(
+        **cfg.trainer,
+        logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""),
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        num_sanity_val_steps=-1,  # a full validation before step 0: the curve's start
+    )
+    model = torch.compile(module) if cfg.compile else module
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        if trainer.is_global_zero and (history.train or history.val):
+            write_outputs(run_dir, module, best, history, trainer.global_step)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    score = best.best_model_score
+    return float(score) if score is not None else math.nan
+
+
+def write_outputs(
+    run_dir: Path, module: GPTModule, best: ModelCheckpoint, history: RunHistory, steps: int
+) -> None:
+    """``slm.pt`` (best weights + model config), ``loss.png`` and ``metrics.json``."""
+    state, best_step = module.model.state_dict(), steps
+    if best.best_model_path and Path(best.best_model_path).exists():
+        ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+        best_step = ckpt["global_step"]
+    save_atomic(
+        {"model_args": module.config.to_dict(), "model": state, "step": best_step},
+        run_dir / "slm.pt",
+    )
+    plot_losses(history, run_dir / "loss.png")
+    vals = [v for _, v in history.val]
+    seconds = history.wall_seconds
+    metrics = {
+        "best_val_loss": min(vals) if vals else None,
+        "final_val_loss": vals[-1] if vals else None,
+        "steps": steps,
+        "tokens_seen": history.tokens,
+        "wall_seconds": round(seconds, 3),
+        "tokens_per_second": round(history.tokens / seconds, 1) if seconds else None,
+    }
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, run_dir / "metrics.json")
+    log.info("wrote %s/{slm.pt,loss.png,metrics.json}: %s", run_dir, metrics)
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def plot_losses(history: RunHistory, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if history.train:
+        steps, losses = zip(*history.train)
+        ax.plot(steps, losses, lw=0.8, alpha=0.8, label="train")
+    if history.val:
+        steps, losses = zip(*history.val)
+        ax.plot(steps, losses, "o-", lw=1.5, ms=3, label="val")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)", title="slm")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from slm.config import CONF_DIR, ConfigError, compose, resolve_hardware, validate
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+HARDWARE = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
+
+
+def test_groups_are_the_documented_ones():
+    assert MODELS == ["gpt2", "medium", "small", "tiny"]
+    assert HARDWARE == ["a100", "auto", "cpu", "h100", "t4"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("hardware", HARDWARE)
+def test_every_option_composes(model, hardware):
+    cfg = compose("train", [f"model={model}", f"hardware={hardware}"])
+    assert set(cfg.model) == {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"}
+    assert cfg.model.n_embd % cfg.model.n_head == 0
+    validate(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # no dangling interpolations
+
+
+@pytest.mark.parametrize(
+    "model, shape",
+    [("small", (6, 6, 384, 256)), ("medium", (8, 8, 512, 512)), ("gpt2", (12, 12, 768, 1024))],
+)
+def test_model_shapes(model, shape):
+    m = compose("train", [f"model={model}"]).model
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == shape
+
+
+def test_defaults():
+    cfg = compose("train")
+    assert cfg.data.source == "roneneldan/TinyStories"
+    assert list(cfg.optim.betas) == [0.9, 0.95]
+    assert cfg.optim.weight_decay == 0.1 and cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.hardware.precision == "auto"
+
+
+@pytest.mark.parametrize(
+    "hardware, precision, compile_",
+    [("a100", "bf16-mixed", True), ("h100", "bf16-mixed", True), ("t4", "16-mixed", True)],
+)
+def test_gpu_hardware_precision(hardware, precision, compile_):
+    cfg = compose("train", [f"hardware={hardware}"])
+    assert (cfg.hardware.precision, cfg.hardware.compile) == (precision, compile_)
+
+
+def test_auto_on_cpu_resolves_to_fp32_without_compile(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = resolve_hardware(compose("train"))
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.compile) == (
+        "cpu",
+        "32-true",
+        False,
+    )
+
+
+def test_auto_on_gpus(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    for bf16, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
+        monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda b=bf16: b)
+        cfg = resolve_hardware(compose("train"))
+        assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.compile) == (
+            "gpu", expected, True,
+        )  # fmt: skip
+
+
+def test_explicit_trainer_values_win(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    cfg = resolve_hardware(compose("train", ["hardware=a100", "trainer.precision=32-true"]))
+    assert cfg.trainer.precision == "32-true"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.n_head=5"], "model.n_embd=384 is not divisible by model.n_head=5"),
+        (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
+        (["optim.min_lr=1e-2"], "optim.min_lr=0.01 is above optim.lr=0.001"),
+        (["optim.warmup_steps=600", "trainer.max_steps=500"], "warmup_steps=600 exceeds"),
+        (["data.val_windows=none"], "data.val_windows=none must be"),
+    ],
+)
+def test_invalid_combinations(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose("train", overrides))
+
+
+@pytest.mark.parametrize("group", ["model", "hardware"])
+def test_unknown_group_option(group):
+    with pytest.raises(ConfigError, match=f"Could not find '{group}/nope'; choose one of"):
+        compose("train", [f"{group}=nope"])
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_half_precision_on_cpu_is_rejected(precision):
+    cfg = compose("train", ["hardware=cpu", f"trainer.precision={precision}"])
+    with pytest.raises(ConfigError, match=f"precision {precision} was asked for on cpu"):
+        resolve_hardware(cfg)
+
+
+def test_gpu_hardware_without_cuda(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU; use hardware=cpu"):
+        resolve_hardware(compose("train", ["hardware=a100"]))
+
+
+def test_conf_dir_is_the_repo_conf():
+    assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"

@@ -1,0 +1,118 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
+from slm.module import GPTModule, lr_at
+
+LR, MIN_LR, WARMUP, MAX = 1e-3, 1e-4, 10, 110
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, LR / WARMUP),  # the first step already trains
+        (WARMUP - 1, LR),  # end of warmup
+        (WARMUP, LR),  # cosine starts at the top
+        (WARMUP + (MAX - WARMUP) // 2, (LR + MIN_LR) / 2),  # midpoint of the decay
+        (MAX, MIN_LR),  # the end
+        (MAX + 50, MIN_LR),
+    ],
+)
+def test_schedule_values(step, expected):
+    assert lr_at(step, LR, MIN_LR, WARMUP, MAX) == pytest.approx(expected, rel=1e-12)
+
+
+def test_schedule_without_warmup_and_monotone_decay():
+    assert lr_at(0, LR, MIN_LR, 0, MAX) == pytest.approx(LR)
+    lrs = [lr_at(s, LR, MIN_LR, WARMUP, MAX) for s in range(WARMUP, MAX + 1)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_min_lr_above_lr_is_rejected():
+    with pytest.raises(ValueError, match="min_lr=0.01 is above lr=0.001"):
+        GPTModule(n_layer=1, n_head=1, n_embd=8, block_size=8, lr=1e-3, min_lr=1e-2)
+
+
+class RandomTokens(Dataset):
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        t = torch.randint(0, 50257, (9,), generator=g)
+        return t[:-1], t[1:]
+
+
+class RecordLR(Callback):
+    def __init__(self):
+        self.lrs, self.steps = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_schedule_counts_optimizer_steps_in_trainer(accumulate, tmp_path):
+    """Under Lightning, optimizer step k uses lr_at(k) whatever the gradient accumulation."""
+    max_steps, warmup = 8, 3
+    module = GPTModule(
+        n_layer=1, n_head=1, n_embd=8, block_size=8, lr=1e-2, min_lr=1e-3,
+        warmup_steps=warmup, max_steps=max_steps,
+    )  # fmt: skip
+    rec = RecordLR()
+    trainer = L.Trainer(
+        max_steps=max_steps, accumulate_grad_batches=accumulate, accelerator="cpu",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[rec], limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(RandomTokens(), batch_size=2))
+    assert trainer.global_step == max_steps
+    assert rec.steps == list(range(max_steps))
+    expected = [lr_at(s, 1e-2, 1e-3, warmup, max_steps) for s in range(max_steps)]
+    assert rec.lrs == pytest.approx(expected, rel=1e-9)
+    assert rec.lrs[warmup - 1] == pytest.approx(1e-2)
+
+
+def test_fused_adamw_only_on_cuda_and_decay_groups(tmp_path):
+    module = GPTModule(n_layer=1, n_head=1, n_embd=8, block_size=8, max_steps=10)
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    module.trainer = trainer
+    conf = module.configure_optimizers()
+    opt = conf["optimizer"]
+    assert conf["lr_scheduler"]["interval"] == "step"
+    assert not opt.defaults["fused"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_val_loss_is_token_weighted_mean_and_ppl(tmp_path):
+    module = GPTModule(n_layer=1, n_head=1, n_embd=8, block_size=8, max_steps=10)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )  # fmt: skip
+    data = RandomTokens()
+    loader = DataLoader(torch.utils.data.Subset(data, range(5)), batch_size=2)  # 2, 2, 1
+    out = trainer.validate(module, loader, verbose=False)[0]
+    with torch.no_grad():
+        losses = [module(x[None], y[None])[1] for x, y in (data[i] for i in range(5))]
+    expected = torch.stack(losses).mean().item()  # every window has the same token count
+    assert out["val/loss"] == pytest.approx(expected, rel=1e-5)
+    assert out["val/ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_checkpoint_hparams_are_primitives(tmp_path):
+    module = GPTModule(n_layer=1, n_head=1, n_embd=8, block_size=8, betas=[0.9, 0.95])
+    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    trainer.strategy.connect(module)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)  # no arbitrary objects inside
+    assert ckpt["hyper_parameters"]["n_embd"] == 8
+    loaded = GPTModule.load_from_checkpoint(path)
+    assert loaded.config == module.config

@@ -1,0 +1,184 @@
+"""End-to-end: train(cfg) on CPU with model=tiny fills its run directory."""
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from slm.config import ConfigError, compose
+from slm.model import GPT, GPTConfig
+from slm.module import GPTModule
+from slm.prepare import DataError, prepare
+from slm.train import train
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinystories"
+V1 = SHARED / "TinyStories-train.head-2MiB.txt"
+
+
+def tiny_cfg(data_dir, run_dir, *overrides):
+    return compose(
+        "train",
+        [
+            "model=tiny",
+            "hardware=cpu",
+            f"data.dir={data_dir}",
+            f"run_dir={run_dir}",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "data.val_windows=16",
+            "trainer.max_steps=40",
+            "trainer.val_check_interval=20",
+            "optim.warmup_steps=5",
+            "optim.lr=3e-3",
+            "+trainer.enable_progress_bar=false",
+            "+trainer.enable_model_summary=false",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def v1_dir(tmp_path_factory):
+    if not V1.exists():
+        pytest.skip(f"real TinyStories text not found at {V1} (needs ../shared beside the repo)")
+    d = tmp_path_factory.mktemp("v1")
+    prepare(str(V1), d, val_fraction=0.02)
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    """Text the test writes itself: 200 short stories, prepared once."""
+    d = tmp_path_factory.mktemp("small")
+    names = ["Tom", "Lily", "Ben", "Mia"]
+    things = ["a red ball", "a big dog", "a small cat", "a blue kite"]
+    stories = [
+        f"{names[i % 4]} had {things[(i // 4) % 4]}. They played all day. The end."
+        for i in range(200)
+    ]
+    src = d / "stories.txt"
+    src.write_text("\n<|endoftext|>\n".join(stories) + "\n")
+    prepare(str(src), d / "data", val_fraction=0.1)
+    return d / "data", str(src)
+
+
+def test_fit_on_real_tinystories_fills_run_dir(v1_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(v1_dir, run, f"data.source={V1}", "data.val_fraction=0.02")
+    best = train(cfg)
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {
+        "best_val_loss", "final_val_loss", "steps", "tokens_seen", "wall_seconds",
+        "tokens_per_second",
+    }  # fmt: skip
+    assert metrics["steps"] == 40
+    assert metrics["tokens_seen"] == 40 * 8 * 64
+    assert metrics["best_val_loss"] == pytest.approx(best)
+    # The loss starts at ~ln(50257) = 10.8 and must fall well below it.
+    assert best < math.log(50257) - 3
+
+    # TensorBoard: real event files with the curves.
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "val/loss", "val/ppl", "val/bpb"} <= set(tags)
+    assert any(t.startswith("lr-") for t in tags)
+    val = [e.value for e in acc.Scalars("val/loss")]
+    assert val[-1] == pytest.approx(metrics["final_val_loss"], rel=1e-5)
+
+    # Checkpoints: best by val/loss and last, both loadable without Hydra.
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-step") for n in ckpts)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 40
+    GPTModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+
+    # slm.pt: the best weights and the model config.
+    pt = torch.load(run / "slm.pt", weights_only=True)
+    model = GPT(GPTConfig(**pt["model_args"]))
+    model.load_state_dict(pt["model"])
+    assert pt["model_args"]["n_embd"] == 64
+
+    png = (run / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_run_history_starts_with_step0_val(small_dir, tmp_path):
+    data, src = small_dir
+    run = tmp_path / "run"
+    train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=4",
+                   "trainer.val_check_interval=2", "optim.warmup_steps=1"))  # fmt: skip
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    history = ckpt["callbacks"]["RunHistory"]
+    assert [s for s, _ in history["val"]] == [0, 2, 4]
+    assert history["val"][0][1] == pytest.approx(math.log(50257), abs=0.3)
+    assert [s for s, _ in history["train"]] == [0, 1, 2, 3]
+
+
+def test_non_finite_loss_stops_with_step(small_dir, tmp_path, monkeypatch):
+    data, src = small_dir
+    real = GPTModule.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = real(self, idx, targets)
+        if self.training and self.global_step == 3:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPTModule, "forward", poisoned)
+    cfg = tiny_cfg(data, tmp_path / "run", f"data.source={src}", "data.val_fraction=0.1")
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3: .*bf16-mixed.*optim.lr"):
+        train(cfg)
+
+
+class Interrupt(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 6:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_leaves_outputs(small_dir, tmp_path, monkeypatch):
+    data, src = small_dir
+    run = tmp_path / "run"
+    real_init = L.Trainer.__init__
+
+    def init(self, *args, callbacks=(), **kwargs):
+        real_init(self, *args, callbacks=[*callbacks, Interrupt()], **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "__init__", init)
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits with status 1
+        train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 6
+    assert (run / "slm.pt").exists() and (run / "loss.png").exists()
+
+
+def test_block_size_larger_than_split(small_dir, tmp_path):
+    data, src = small_dir
+    n_val = json.loads((data / "meta.json").read_text())["splits"]["val"]["tokens"]
+    cfg = tiny_cfg(data, tmp_path / "run", f"data.source={src}", "data.val_fraction=0.1",
+                   f"model.block_size={n_val}")  # fmt: skip
+    with pytest.raises(DataError, match=f"model.block_size={n_val} is not smaller than the"):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_head=3", "not divisible by model.n_head=3"),
+        ("optim.lr=-1", "optim.lr=-1 must be positive"),
+        ("optim.warmup_steps=41", "warmup_steps=41 exceeds trainer.max_steps=40"),
+        ("trainer.precision=bf16-mixed", "precision bf16-mixed was asked for on cpu"),
+        ("ckpt_path=/nope.ckpt", "ckpt_path=/nope.ckpt: no such checkpoint file"),
+    ],
+)
+def test_invalid_config_fails_before_training(override, message, tmp_path):
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "run", override)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
