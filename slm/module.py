@@ -6,6 +6,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import measure_flops
 
 from slm.model import GPT, GPTConfig
 
@@ -89,10 +90,21 @@ class GPTModule(L.LightningModule):
             self.log("val/bpb", bpb, sync_dist=True)
 
     def setup(self, stage: str) -> None:
-        meta = getattr(getattr(self.trainer, "datamodule", None), "meta", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        meta = getattr(datamodule, "meta", None)
         if meta:
             val = meta["splits"]["val"]
             self.val_tokens_per_byte = val["tokens"] / val["bytes"]
+        if stage == "fit" and datamodule is not None:
+            self.flops_per_batch = self.count_flops(datamodule.batch_size)
+
+    def count_flops(self, batch_size: int) -> int:
+        """FLOPs of one training step (forward + backward) on a batch, counted by PyTorch on
+        the meta device (no memory, no compute): what ThroughputMonitor turns into MFU."""
+        with torch.device("meta"):
+            model = GPT(self.config)
+            x = torch.randint(0, self.config.vocab_size, (batch_size, self.config.block_size))
+        return measure_flops(model, lambda: model(x, x)[1], loss_fn=lambda loss: loss)
 
     def configure_optimizers(self):
         h = self.hparams

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
@@ -112,6 +112,10 @@ def train(cfg: DictConfig) -> float:
         best,
         LastOnException(str(ckpt_dir / "last.ckpt")),
         LearningRateMonitor(logging_interval="step"),
+        # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
+        ThroughputMonitor(
+            batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(), window_size=20
+        ),  # fmt: skip
         history,
     ]
     if cfg.trainer.get("enable_progress_bar", True):

@@ -1,0 +1,56 @@
+"""A real Hydra multirun (``python train.py -m``) of two jobs."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from test_train import TINY_ARGS
+
+from slm.config import compose
+from slm.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_multirun_two_jobs_and_summary(tmp_path):
+    stories = [f"Tim saw {n} birds. He was happy. The end." for n in range(200)]
+    src = tmp_path / "stories.txt"
+    src.write_text("\n<|endoftext|>\n".join(stories) + "\n")
+    prepare(str(src), tmp_path / "data", val_fraction=0.1)
+    sweep = tmp_path / "sweep"
+    args = [
+        *TINY_ARGS,
+        f"data.source={src}",
+        f"data.dir={tmp_path / 'data'}",
+        "data.val_fraction=0.1",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "optim.warmup_steps=1",
+        "optim.lr=1e-3,3e-3",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    out = subprocess.run(
+        [sys.executable, "train.py", "-m", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    rows = list(csv.DictReader((sweep / "sweep.csv").open()))
+    assert [r["job"] for r in rows] == ["0", "1"]
+    assert ["optim.lr=0.001" in r["overrides"] for r in rows] == [True, False]
+    assert ["optim.lr=0.003" in r["overrides"] for r in rows] == [False, True]
+    for r in rows:
+        assert r["status"] == "COMPLETED"
+        metrics = json.loads((sweep / r["dir"] / "metrics.json").read_text())
+        assert float(r["best_val_loss"]) == metrics["best_val_loss"]
+        assert (sweep / r["dir"] / "checkpoints" / "last.ckpt").exists()
+    lrs = [OmegaConf.load(sweep / r["dir"] / ".hydra/config.yaml").optim.lr for r in rows]
+    assert lrs == [1e-3, 3e-3]  # each job trained with its own value
+
+
+def test_experiment_config_composes():
+    cfg = compose("train", ["experiment=small_lr_sweep"])
+    assert cfg.model.n_embd == 384 and cfg.trainer.max_steps == 2000
+    assert cfg.optim.min_lr <= cfg.optim.lr
