@@ -1,6 +1,6 @@
-"""Lightning callbacks that Lightning does not ship: the run's loss history (kept in the
-checkpoint, so a resumed run's ``loss.png`` and ``metrics.json`` count the whole run) and a
-progress bar that shows the optimizer step."""
+"""Callbacks that Lightning does not ship: the run's loss history (kept in the checkpoint, so a
+resumed run's ``loss.png`` and ``metrics.json`` count the whole run), a progress bar that shows
+the optimizer step, ``last.ckpt`` on Ctrl-C, and sample stories in TensorBoard."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 
 
 class RunHistory(L.Callback):
@@ -87,3 +88,27 @@ class LastOnException(L.Callback):
     def on_exception(self, trainer, pl_module, exception) -> None:
         if not trainer.sanity_checking and trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
+
+
+class SampleStories(L.Callback):
+    """At each validation, a greedy story from a fixed prompt with the current weights,
+    logged as TensorBoard text, so the stories can be watched improving beside the loss."""
+
+    def __init__(self, prompt: str = "Once upon a time", max_new_tokens: int = 64) -> None:
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.max_new_tokens <= 0:
+            return
+        from slm import tokenizer
+        from slm.sample import generate
+
+        ids = generate(
+            pl_module.model, tokenizer.encode(self.prompt), self.max_new_tokens, temperature=0
+        )[0]
+        story = self.prompt + tokenizer.decode(ids)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # Markdown: two trailing spaces keep the story's line breaks.
+                text = story.replace("\n", "  \n")
+                logger.experiment.add_text("samples", text, trainer.global_step)

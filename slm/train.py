@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from slm.callbacks import LastOnException, RunHistory, StepProgressBar
+from slm.callbacks import LastOnException, RunHistory, SampleStories, StepProgressBar
 from slm.config import ConfigError, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.module import GPTModule
@@ -117,12 +117,13 @@ def train(cfg: DictConfig) -> float:
             batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(), window_size=20
         ),  # fmt: skip
         history,
+        SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens),
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     trainer = L.Trainer(
         **cfg.trainer,
-        logger=TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""),
+        logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         num_sanity_val_steps=-1,  # a full validation before step 0: the curve's start

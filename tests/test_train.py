@@ -86,6 +86,11 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, tmp_path):
     tags = acc.Tags()["scalars"]
     assert {"train/loss", "val/loss", "val/ppl", "val/bpb"} <= set(tags)
     assert any(t.startswith("lr-") for t in tags)
+    assert "train/device/items_per_sec" in tags  # tokens/s (and MFU on GPUs Lightning knows)
+    samples = acc.Tensors("samples/text_summary")
+    assert [e.step for e in samples] == [20, 40]  # one story per validation
+    story = samples[-1].tensor_proto.string_val[0].decode()
+    assert story.startswith("Once upon a time") and len(story) > len("Once upon a time")
     val = [e.value for e in acc.Scalars("val/loss")]
     assert val[-1] == pytest.approx(metrics["final_val_loss"], rel=1e-5)
 
