@@ -1,0 +1,337 @@
+"""Story generation from a trained GPT: checkpoint loading, logit filtering and a batched
+sampler with a key/value cache.
+
+    model = load_model("outputs/run/slm.pt")
+    [ids] = generate(model, tokenizer.encode("Once upon a time"), 200, temperature=0.8,
+                     top_k=200, top_p=0.95, generator=torch.Generator().manual_seed(1337))
+    print(tokenizer.decode(ids))
+
+The context window (the same with and without the cache, so both give the same tokens):
+while prompt + generated tokens fit in ``block_size``, the cache grows by one position per
+step. When the next token would not fit, the oldest half of the window is dropped (the newest
+``block_size // 2`` tokens are kept, like llama.cpp's context shift), the cache is refilled
+from those in one forward pass, and generation goes on one position per step. Why not
+nanoGPT's "always the last ``block_size`` tokens": the position embeddings are learned and
+absolute, so after a one-token slide every cached key sits at the wrong position and is
+invalid; each new token would cost a full forward over ``block_size`` tokens. The half shift
+costs one refill per ``block_size // 2`` tokens, at the price of a context that drops to
+``block_size // 2`` tokens after each shift.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pickle
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from slm.model import GPT, GPTConfig, KVCache
+from slm.tokenizer import EOT_ID
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the one-line message names the file and the fix."""
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The model config and GPT state dict stored in an ``slm.pt`` or a Lightning ``.ckpt``.
+
+    Only tensors and primitives are unpickled (``weights_only=True``)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file; pass ckpt= a slm.pt or a Lightning .ckpt")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the slm.pt or a .ckpt file in it")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses anything but tensors and primitives; a plain pickle lands here too.
+        raise CheckpointError(
+            f"{path}: not loadable with weights_only=True ({_first_line(e)}); "
+            "it holds arbitrary Python objects or is not a PyTorch checkpoint"
+        ) from e
+    except Exception as e:  # zip, EOF and key errors: what a truncated or foreign file gives
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint, or truncated ({type(e).__name__}: "
+            f"{_first_line(e)}); pass a complete slm.pt or Lightning .ckpt"
+        ) from e
+    if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # slm.pt
+        args, state = obj["model_args"], obj["model"]
+    elif isinstance(obj, dict) and "hyper_parameters" in obj and "state_dict" in obj:  # Lightning
+        args = obj["hyper_parameters"]
+        state = {
+            k.removeprefix("model."): v
+            for k, v in obj["state_dict"].items()
+            if k.startswith("model.")
+        }
+    else:
+        keys = sorted(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"{path}: no model config inside (found {keys}); expected a slm.pt ('model_args', "
+            "'model') or a Lightning .ckpt ('hyper_parameters', 'state_dict')"
+        )
+    if not isinstance(args, dict) or not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: the model config or weights inside are empty or malformed")
+    # A compiled model's state dict carries the wrapper's prefix.
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if k not in args]
+    if missing:
+        raise CheckpointError(f"{path}: the stored model config lacks {', '.join(missing)}")
+    try:
+        config = GPTConfig(**{k: v for k, v in args.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid stored model config: {e}") from e
+    return config, state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """The GPT in ``path`` (``slm.pt`` or Lightning ``.ckpt``), on ``device``, in eval mode.
+
+    Raises ``CheckpointError`` (one line) for a missing, foreign, truncated or inconsistent
+    file: the weights must have exactly the keys and shapes of the stored config."""
+    config, state = load_checkpoint(path)
+    model = GPT(config)
+    expected = model.state_dict()
+    wrong = [
+        f"{k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    wrong += [f"{k} is missing" for k in expected if k not in state]
+    wrong += [f"{k} is unexpected" for k in state if k not in expected]
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        shape = ", ".join(f"{k}={getattr(config, k)}" for k in ("n_layer", "n_head", "n_embd"))
+        raise CheckpointError(
+            f"{path}: weights do not match the stored config ({shape}, "
+            f"block_size={config.block_size}): {wrong[0]}{more}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+# -- arguments -------------------------------------------------------------------------------
+
+
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    num_samples: int = 1,
+) -> None:
+    """Raise ``ValueError`` with a one-line message for the first invalid argument."""
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_num(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be an integer >= 0")
+    if not is_num(temperature) or not temperature >= 0:  # `not >=` also catches NaN
+        raise ValueError(f"temperature={temperature} must be a number >= 0 (0 = greedy)")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k={top_k} must be an integer >= 1, or null for no top-k")
+    if top_p is not None and (not is_num(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p} must be in (0, 1], or null for no nucleus filter")
+    if not is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be an integer >= 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a
+    ``ValueError`` when the machine does not have it."""
+    name = str(name)
+    kind = name.split(":")[0]
+    if kind not in DEVICES or (":" in name and kind != "cuda"):
+        raise ValueError(f"device={name} is not one of {', '.join(DEVICES)} (or cuda:N)")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but this machine has no CUDA GPU; use device=cpu or auto")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name} but MPS is not available here; use device=cpu or auto")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device={name}: {_first_line(e)}") from e
+    if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name} but there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+# -- sampling --------------------------------------------------------------------------------
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """``logits`` (..., V) scaled by ``1 / temperature``, then top-k, then top-p (nucleus) on
+    what top-k left, as float32 with the removed entries at ``-inf``.
+
+    top-k keeps the ``k`` largest logits; top-p keeps the smallest set of most likely tokens
+    whose probabilities sum to at least ``top_p``. The most likely token is always kept, and
+    a token tied with the last one kept is kept too (the kept set never depends on how ties
+    are ordered). ``temperature == 0`` keeps the argmax only (greedy)."""
+    logits = logits.float()
+    if temperature == 0:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(-1, logits.argmax(-1, keepdim=True), True)
+        return logits.masked_fill(~keep, float("-inf"))
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, _ = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        # Drop a token once the tokens before it already reach top_p; the first never is.
+        cut = sorted_logits.masked_fill(before >= top_p, float("inf")).amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < cut, float("-inf"))
+    return logits
+
+
+def _next_token(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """(N, V) logits of the last position -> (N,) next tokens."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(
+            logits.device
+        )
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _precision(model: GPT, device: torch.device):
+    """Autocast context and KV-cache dtype: bf16 (fp16 without bf16) on CUDA, else the
+    parameters' dtype with autocast off."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype
+    return contextlib.nullcontext(), next(model.parameters()).dtype
+
+
+def _prompt_tensor(prompt, num_samples: int, block_size: int, device) -> torch.Tensor:
+    """(N, T) prompt ids, T <= block_size: empty -> [EOT] (a story start); too long -> its
+    last ``block_size`` tokens, with a warning."""
+    idx = torch.as_tensor(prompt, dtype=torch.long).to(device)
+    if idx.dim() == 1:
+        idx = idx.unsqueeze(0)
+    if idx.dim() != 2:
+        raise ValueError(f"prompt must be a list of ids or a (N, T) tensor, got {idx.dim()}-D")
+    if idx.size(0) == 1:
+        idx = idx.expand(num_samples, -1)
+    elif num_samples not in (1, idx.size(0)):
+        raise ValueError(f"num_samples={num_samples} but the prompt tensor has {idx.size(0)} rows")
+    if idx.size(1) == 0:
+        idx = torch.full((idx.size(0), 1), EOT_ID, dtype=torch.long, device=device)
+    if idx.size(1) > block_size:
+        warnings.warn(
+            f"the prompt has {idx.size(1)} tokens, more than block_size={block_size}: "
+            f"keeping its last {block_size}",
+            stacklevel=4,  # the caller of generate (torch.inference_mode adds a frame)
+        )
+        idx = idx[:, -block_size:]
+    return idx.contiguous()
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    prompt: Sequence[int] | torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    on_token: Callable[[int, int], None] | None = None,
+    stop_token: int | None = EOT_ID,
+) -> list[list[int]]:
+    """The new token ids of ``num_samples`` continuations of ``prompt``, sampled as one batch.
+
+    ``prompt``: token ids (empty = start a story from ``<|endoftext|>``), or an (N, T) tensor
+    of N prompts (one sample each). ``temperature == 0`` is greedy; otherwise tokens are drawn
+    with ``torch.multinomial`` from ``filter_logits(...)`` using ``generator`` (seed it for
+    reproducible samples). A sample ends at ``stop_token`` (not included in its ids; None =
+    never) or after ``max_new_tokens``; the batch stops when every sample has ended.
+    ``on_token(sample_index, token_id)`` is called for each new token as it is produced.
+    ``use_cache=False`` recomputes the whole context window every step (the reference).
+    The model is run in eval mode under ``torch.inference_mode`` (its mode is restored)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
+    config = model.config
+    if EOT_ID >= config.vocab_size:
+        raise ValueError(f"the model's vocab_size={config.vocab_size} lacks the GPT-2 EOT token")
+    device = next(model.parameters()).device
+    block = config.block_size
+    window = _prompt_tensor(prompt, num_samples, block, device)
+    n = window.size(0)
+    out: list[list[int]] = [[] for _ in range(n)]
+    if max_new_tokens == 0:
+        return out
+    keep = max(1, block // 2)  # tokens kept by a context shift
+    autocast, dtype = _precision(model, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast:
+            cache = KVCache(config, n, device, dtype) if use_cache else None
+            logits, _ = model(window, cache=cache, last_only=True)  # prefill
+            done = [False] * n
+            for step in range(max_new_tokens):
+                tok = _next_token(logits[:, -1], temperature, top_k, top_p, generator)
+                for i, t in enumerate(tok.tolist()):
+                    if done[i]:
+                        continue  # finished samples still compute (one batch), not emit
+                    if t == stop_token:
+                        done[i] = True
+                        continue
+                    out[i].append(t)
+                    if on_token is not None:
+                        on_token(i, t)
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                window = torch.cat([window, tok[:, None]], dim=1)
+                if window.size(1) > block:  # context shift: keep the newest half, refill
+                    window = window[:, -keep:]
+                    if cache is not None:
+                        cache.pos = 0
+                    logits, _ = model(window, cache=cache, last_only=True)
+                elif cache is not None:  # one new position
+                    logits, _ = model(tok[:, None], cache=cache, last_only=True)
+                else:  # reference: the same window, recomputed in full
+                    logits, _ = model(window, last_only=True)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _first_line(e: BaseException, limit: int = 120) -> str:
+    """The first sentence of an exception's message, for a one-line error."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,486 @@
+"""Generation: the KV-cache sampler against full recomputation, sampling filters, stopping,
+checkpoint loading and generate.py's errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slm import tokenizer
+from slm.config import compose
+from slm.model import GPT, GPTConfig
+from slm.module import GPTModule
+from slm.sample import (
+    CheckpointError,
+    check_sampling,
+    filter_logits,
+    generate,
+    load_checkpoint,
+    load_model,
+    resolve_device,
+)
+from slm.tokenizer import EOT_ID
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = 32
+CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)
+
+
+def _stories(n: int = 300) -> list[int]:
+    """Template stories in which a name is repeated (the model must look back to copy it)."""
+    rng = random.Random(0)
+    ids: list[int] = []
+    for _ in range(n):
+        name = rng.choice(["Tom", "Lily", "Sam", "Mia", "Ben", "Sue"])
+        pet = rng.choice(["cat", "dog", "bird", "fish", "frog"])
+        place = rng.choice(["park", "lake", "shop", "forest"])
+        text = f"{name} had a {pet}. {name} and the {pet} went to the {place}. The {pet} was happy."
+        ids += tokenizer.encode(text + " The end.") + [EOT_ID]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def trained() -> GPT:
+    """A 2-layer GPT trained for a couple of seconds on the stories above.
+
+    The loss is a softmax over the ~36 token ids the stories use (the model's own rows of the
+    tied lm_head): the full 50k-way softmax would cost ~100 ms a step on 2 CPU cores and
+    teach nothing more here. The other tokens keep their small random-init logits, so greedy
+    decoding stays on the stories' tokens."""
+    data = torch.tensor(_stories())
+    used, targets = torch.unique(data, return_inverse=True)
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    t = model.transformer
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(200):
+        ix = torch.randint(len(data) - BLOCK - 1, (16,)).tolist()
+        x = torch.stack([data[i : i + BLOCK] for i in ix])
+        y = torch.stack([targets[i + 1 : i + 1 + BLOCK] for i in ix])
+        h = t.wte(x) + t.wpe(torch.arange(BLOCK))
+        for block in t.h:
+            h = block(h)
+        logits = t.ln_f(h) @ model.lm_head.weight[used].T
+        loss = F.cross_entropy(logits.reshape(-1, len(used)), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(trained, tmp_path_factory) -> dict[str, Path]:
+    """The trained model as slm.pt and as a Lightning-format .ckpt."""
+    d = tmp_path_factory.mktemp("ckpts")
+    pt = d / "slm.pt"
+    torch.save({"model_args": CONFIG.to_dict(), "model": trained.state_dict(), "step": 200}, pt)
+    module = GPTModule(**CONFIG.to_dict(), max_steps=200)
+    module.model.load_state_dict(trained.state_dict())
+    ckpt = d / "last.ckpt"  # what Lightning stores, less the optimizer and loop states
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "global_step": 200,
+            "epoch": 0,
+            "pytorch-lightning_version": "2.6.0",
+        },
+        ckpt,
+    )
+    return {"pt": pt, "ckpt": ckpt}
+
+
+def greedy(model: GPT, prompt: list[int], n: int, **kw) -> list[int]:
+    return generate(model, prompt, n, temperature=0, **kw)[0]
+
+
+def reference(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding written out independently: a full forward over the window each step;
+    a window that outgrows block_size keeps its newest block_size // 2 tokens."""
+    window, out = prompt[-BLOCK:], []
+    for _ in range(n):
+        logits, _ = model(torch.tensor([window]))
+        out.append(int(logits[0, -1].argmax()))
+        window = window + out[-1:]
+        if len(window) > BLOCK:
+            window = window[-(BLOCK // 2) :]
+    return out
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+
+def test_greedy_cache_equals_no_cache_across_block_size(trained):
+    prompt = tokenizer.encode("Tom had a")
+    n = 100  # the window passes block_size=32 at 33 tokens, then every 16: 5 context shifts
+    cached = greedy(trained, prompt, n, stop_token=None)
+    assert len(cached) == n
+    assert cached == greedy(trained, prompt, n, stop_token=None, use_cache=False)
+    assert cached == reference(trained, prompt, n)
+    stories = tokenizer.decode(cached).split("<|endoftext|>")
+    assert " Tom and the " in stories[0] and len(stories) >= 4  # the name is copied
+
+
+def test_cache_one_position_per_step(trained, monkeypatch):
+    """One prefill, then one position per step; a full refill only at a context shift."""
+    lengths = []
+    forward = trained.forward
+
+    def spy(idx, *args, **kwargs):
+        lengths.append(idx.size(1))
+        return forward(idx, *args, **kwargs)
+
+    monkeypatch.setattr(trained, "forward", spy)
+    greedy(trained, tokenizer.encode("Tom had a"), 60, stop_token=None)  # 3 + 60 tokens
+    # 3 prompt tokens + 29 one-token steps fill 32 positions; the 33rd token shifts to 16.
+    assert lengths == [3] + [1] * 29 + [16] + [1] * 16 + [16] + [1] * 12
+    assert len(lengths) == 60  # one forward per new token but the last
+
+
+def test_sampling_cache_equals_no_cache(trained):
+    prompt = tokenizer.encode("Sue had a")
+    kw = dict(temperature=1.0, top_k=20, num_samples=2, stop_token=None)
+    a = generate(trained, prompt, 70, generator=torch.Generator().manual_seed(3), **kw)
+    b = generate(
+        trained, prompt, 70, generator=torch.Generator().manual_seed(3), use_cache=False, **kw
+    )
+    assert a == b
+
+
+def test_long_prompt_keeps_last_block_size_tokens(trained):
+    prompt = tokenizer.encode(" ".join(["Ben had a dog."] * 12))
+    assert len(prompt) > BLOCK
+    with pytest.warns(UserWarning, match="keeping its last 32"):
+        out = greedy(trained, prompt, 40, stop_token=None)
+    assert out == greedy(trained, prompt[-BLOCK:], 40, stop_token=None)  # no warning there
+    assert out == reference(trained, prompt, 40)
+    with pytest.warns(UserWarning):
+        assert out == greedy(trained, prompt, 40, stop_token=None, use_cache=False)
+
+
+def test_prompt_of_exactly_block_size(trained):
+    prompt = _stories(3)[:BLOCK]
+    assert greedy(trained, prompt, 20, stop_token=None) == reference(trained, prompt, 20)
+
+
+def test_batch_of_prompts_equals_one_by_one(trained):
+    a, b = tokenizer.encode("Ben had a"), tokenizer.encode("Sam had a")
+    assert len(a) == len(b)
+    both = generate(trained, torch.tensor([a, b]), 30, temperature=0)
+    assert both == [greedy(trained, a, 30), greedy(trained, b, 30)]
+
+
+# -- sampling --------------------------------------------------------------------------------
+
+
+def test_same_seed_same_samples(trained):
+    def sample(seed: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        prompt = tokenizer.encode("Lily had")
+        return generate(trained, prompt, 30, temperature=1.0, num_samples=3, generator=g)
+
+    first = sample(1337)
+    assert first == sample(1337)
+    assert first != sample(1338)
+    assert len({tuple(s) for s in first}) > 1  # the batch's samples are drawn independently
+
+
+def kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.isfinite(logits[0]).nonzero()[:, 0].tolist())
+
+
+PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
+    assert kept(filter_logits(logits, top_k=1)) == {4}
+    assert kept(filter_logits(logits, top_k=2)) == {4, 0}
+    assert kept(filter_logits(logits, top_k=4)) == {4, 0, 1, 2}
+    assert kept(filter_logits(logits, top_k=5)) == kept(filter_logits(logits, top_k=99))
+    out = filter_logits(logits, top_k=2)
+    assert out[0, 0] == 2.0 and out[0, 4] == 3.0 and out[0, 1] == float("-inf")
+    # A tie with the k-th largest is kept: the set never depends on how ties are ordered.
+    assert kept(filter_logits(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), top_k=1)) == {1, 2}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    assert kept(filter_logits(PROBS, top_p=0.01)) == {0}  # the top token always stays
+    assert kept(filter_logits(PROBS, top_p=0.4)) == {0}
+    assert kept(filter_logits(PROBS, top_p=0.7)) == {0, 1}
+    assert kept(filter_logits(PROBS, top_p=0.83)) == {0, 1, 2}
+    assert kept(filter_logits(PROBS, top_p=0.96)) == {0, 1, 2, 3}
+    assert kept(filter_logits(PROBS, top_p=1.0)) == {0, 1, 2, 3}
+    assert kept(filter_logits(torch.zeros(1, 4), top_p=0.3)) == {0, 1, 2, 3}  # all tied
+    shuffled = PROBS[:, [2, 0, 3, 1]]
+    assert kept(filter_logits(shuffled, top_p=0.7)) == {1, 3}
+
+
+def test_top_k_then_top_p_and_temperature():
+    # top-k first, then top-p on the renormalised rest: 0.5/0.95 + 0.3/0.95 = 0.84 >= 0.83.
+    assert kept(filter_logits(PROBS, top_k=3, top_p=0.83)) == {0, 1}
+    # A temperature below 1 sharpens (0.69, 0.25, ...), so fewer tokens reach top_p=0.9.
+    assert kept(filter_logits(PROBS, temperature=1.0, top_p=0.9)) == {0, 1, 2}
+    assert kept(filter_logits(PROBS, temperature=0.5, top_p=0.9)) == {0, 1}
+    assert kept(filter_logits(PROBS, temperature=5.0, top_p=0.9)) == {0, 1, 2, 3}
+    torch.testing.assert_close(filter_logits(PROBS, temperature=2.0), PROBS / 2)
+    assert kept(filter_logits(PROBS, temperature=0)) == {0}
+    rows = torch.cat([PROBS, PROBS.flip(-1)])  # rows are filtered independently
+    out = filter_logits(rows, top_k=1)
+    assert kept(out) == {0} and kept(out[1:]) == {3}
+
+
+# -- stopping --------------------------------------------------------------------------------
+
+
+def test_stops_at_eot(trained):
+    prompt = tokenizer.encode("Tom had a")
+    out = greedy(trained, prompt, 100)
+    assert tokenizer.decode(out).endswith("was happy. The end.")
+    assert greedy(trained, prompt, 100, stop_token=None)[len(out)] == EOT_ID
+    assert greedy(trained, prompt, 5) == out[:5]  # or at max_new_tokens
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in model: sample i greedily emits ``scripts[i]``, then EOT."""
+
+    def __init__(self, scripts: list[list[int]]) -> None:
+        super().__init__()
+        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.scripts, self.inputs = scripts, []
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        step = len(self.inputs)
+        self.inputs.append(idx.tolist())
+        logits = torch.zeros(idx.size(0), 1, self.config.vocab_size)
+        for i, s in enumerate(self.scripts):
+            logits[i, 0, s[step] if step < len(s) else EOT_ID] = 1.0
+        if cache is not None:
+            cache.pos += idx.size(1)
+        return logits, None
+
+
+def test_batch_stops_when_every_sample_has_ended():
+    model = Scripted([[1, 2, 3], [4], [5, 6, 7, 8, 9]])
+    streamed = []
+    out = generate(
+        model, [], 100, temperature=0, num_samples=3, on_token=lambda i, t: streamed.append((i, t))
+    )
+    assert out == [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    assert len(model.inputs) == 6  # the 6th step's EOT ends the last sample
+    assert model.inputs[0] == [[EOT_ID]] * 3  # an empty prompt starts a story
+    assert model.inputs[2] == [[2], [EOT_ID], [6]]  # an ended sample is fed on, not emitted
+    assert streamed[:4] == [(0, 1), (1, 4), (2, 5), (0, 2)]
+    assert sorted(streamed) == sorted((i, t) for i, s in enumerate(out) for t in s)
+
+
+def test_empty_prompt_starts_from_eot(trained):
+    assert greedy(trained, [], 30) == greedy(trained, [EOT_ID], 30)
+    assert generate(trained, [], 0) == [[]]
+
+
+def test_model_mode_is_restored(trained):
+    trained.train()
+    try:
+        greedy(trained, [EOT_ID], 3)
+        assert trained.training
+    finally:
+        trained.eval()
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def test_loads_slm_pt_and_lightning_ckpt(trained, ckpts):
+    prompt = tokenizer.encode("Tom had a")
+    expected = greedy(trained, prompt, 20)
+    for path in ckpts.values():
+        model = load_model(path)
+        assert not model.training and model.config == CONFIG
+        assert model.lm_head.weight is model.transformer.wte.weight
+        for k, v in trained.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
+        assert greedy(model, prompt, 20) == expected
+
+
+def _save(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+class Arbitrary:
+    pass
+
+
+def test_bad_checkpoints(trained, ckpts, tmp_path):
+    good = ckpts["pt"].read_bytes()
+    state = trained.state_dict()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "object.pkl").write_bytes(pickle.dumps(Arbitrary()))
+    wide = CONFIG.to_dict() | {"n_embd": 64}
+    cases = {
+        tmp_path / "missing.pt": "no such file",
+        tmp_path: "is a directory",
+        tmp_path / "truncated.pt": "truncated",
+        tmp_path / "empty.pt": "truncated",
+        tmp_path / "notes.txt": "not a PyTorch checkpoint",
+        tmp_path / "object.pkl": "weights_only",
+        _save(tmp_path / "nocfg.pt", {"weights": state}): "no model config",
+        _save(tmp_path / "shape.pt", {"model_args": wide, "model": state}): "shape",
+        _save(
+            tmp_path / "key.pt",
+            {
+                "model_args": CONFIG.to_dict(),
+                "model": {k: v for k, v in state.items() if "ln_f" not in k},
+            },
+        ): "transformer.ln_f.weight is missing",
+        _save(
+            tmp_path / "heads.pt", {"model_args": CONFIG.to_dict() | {"n_head": 3}, "model": state}
+        ): "not divisible",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(CheckpointError, match=reason) as e:
+            load_model(path)
+        message = str(e.value)
+        assert "\n" not in message and str(path) in message, message
+
+
+def test_load_checkpoint_reads_lightning_hparams(ckpts):
+    config, state = load_checkpoint(ckpts["ckpt"])
+    assert config == CONFIG
+    assert not any(k.startswith("model.") for k in state)
+
+
+# -- arguments and the command line ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens=-1 must be"),
+        (dict(max_new_tokens=2.5), "max_new_tokens=2.5 must be"),
+        (dict(temperature=-0.1), "temperature=-0.1 must be"),
+        (dict(temperature=float("nan")), "temperature=nan must be"),
+        (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
+        (dict(top_k=0), "top_k=0 must be an integer >= 1"),
+        (dict(num_samples=0), "num_samples=0 must be"),
+    ],
+)
+def test_bad_sampling_arguments(args, message):
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=None, top_p=None, num_samples=1) | args
+    with pytest.raises(ValueError, match=message):
+        check_sampling(**kw)
+    with pytest.raises(ValueError, match=message):  # the library checks them too
+        generate(Scripted([[1]]), [1], **kw)
+
+
+def test_good_sampling_arguments():
+    check_sampling(0, 0, 1, 1.0, 1)
+    check_sampling(200, 0.8, None, None, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda():
+    with pytest.raises(ValueError, match="device=cuda but this machine has no CUDA GPU"):
+        resolve_device("cuda")
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ValueError, match="device=tpu is not one of"):
+        resolve_device("tpu")
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "ckpt is required"),
+        (["ckpt=null"], "ckpt is required"),
+        (["ckpt={pt}", "max_new_tokens=-1"], "max_new_tokens=-1"),
+        (["ckpt={pt}", "temperature=-1"], "temperature=-1"),
+        (["ckpt={pt}", "top_p=0"], "top_p=0"),
+        (["ckpt={pt}", "top_p=1.01"], "top_p=1.01"),
+        (["ckpt={pt}", "top_k=0"], "top_k=0"),
+        (["ckpt={pt}", "seed=abc"], "seed=abc"),
+        (["ckpt={pt}", "device=nope"], "device=nope"),
+        (["ckpt={bad}"], "not a PyTorch checkpoint"),
+        (["ckpt={bad}", "top_k=0"], "top_k=0"),  # arguments are checked before the file
+    ]
+    + ([(["ckpt={pt}", "device=cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []),
+)
+def test_cli_errors(overrides, message, ckpts, tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("hello")
+    cfg = compose("generate", [o.format(pt=ckpts["pt"], bad=bad) for o in overrides])
+    assert _cli().run(cfg) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_cli_generates(ckpts, trained, capsys):
+    cfg = compose(
+        "generate",
+        [f"ckpt={ckpts['ckpt']}", "prompt=Tom had a", "temperature=0", "num_samples=2"],
+    )
+    assert _cli().run(cfg) == 0
+    out, err = capsys.readouterr()
+    story = "Tom had a" + tokenizer.decode(greedy(trained, tokenizer.encode("Tom had a"), 200))
+    assert out == f"--- sample 1/2 ---\n{story}\n--- sample 2/2 ---\n{story}\n"
+    assert "tokens/s" in err
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_cli_process(ckpts, tmp_path):
+    """The real entry point: one-line errors with exit code 1, a run that writes no files."""
+    missing = _run([], tmp_path)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.startswith("error: ckpt is required") and missing.stderr.count("\n") == 1
+    bad = _run([f"ckpt={ckpts['pt']}", "temperature=-1"], tmp_path)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "temperature=-1" in bad.stderr
+    ok = _run([f"ckpt={ckpts['pt']}", "prompt=", "max_new_tokens=12", "num_samples=1"], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() and "---" not in ok.stdout
+    assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file
+
+
+def test_cli_streams_multibyte_characters(monkeypatch, capsys):
+    """A character split over several tokens is printed whole, once its last byte arrives."""
+    text = " a 🦜 and 漢字."
+    ids = tokenizer.encode(text)
+    cli = _cli()
+    written = []
+    monkeypatch.setattr(cli, "load_model", lambda path, device: Scripted([ids]))
+    monkeypatch.setattr(sys.stdout, "write", lambda s: written.append(s) or len(s))
+    cfg = compose("generate", ["ckpt=any.pt", "prompt=Look:", "num_samples=1", "temperature=0"])
+    assert cli.run(cfg) == 0
+    assert "".join(written) == "Look:" + text + "\n"
+    assert "🦜" in written and "\ufffd" not in "".join(written)
+    assert len(written) > 5  # streamed piece by piece
