@@ -1,0 +1,186 @@
+"""Random windows of a memmapped token file, served by a LightningDataModule.
+
+Train batches are nanoGPT's ``get_batch``: ``x = tokens[i:i+T]``, ``y = tokens[i+1:i+T+1]`` at
+uniform random starts ``i``. Batch ``b`` of rank ``r`` is drawn from its own seeded generator
+``(seed, r, b)``, so the stream is reproducible, differs across DDP ranks, is split across
+dataloader workers without duplicates (worker ``w`` of ``W`` makes batches ``b = w mod W``,
+which PyTorch's loader returns in order), and resumes exactly: a resumed run starts at the
+batch after the last one trained on. Validation uses a fixed set of evenly spaced windows, the
+same at every evaluation, so val curves are comparable.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from slm import tokenizer
+from slm.prepare import DEFAULT_SOURCE, SPLITS, DataError, prepare, read_meta
+
+
+def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
+    """The ``split`` tokens of ``data_dir`` as a read-only memmap, after checking them
+    against ``meta.json`` (tokenizer, byte size, and token ids below the vocab size)."""
+    data_dir = Path(data_dir)
+    path = data_dir / f"{split}.bin"
+    fix = f"re-run `python -m slm.prepare data.dir={data_dir} data.overwrite=true`"
+    meta = read_meta(data_dir)
+    if meta is None:
+        raise DataError(
+            f"{data_dir}/meta.json is missing, so {path.name} is of unknown origin; {fix}"
+        )
+    if meta.get("tokenizer") != tokenizer.NAME or meta.get("dtype") != "uint16":
+        raise DataError(
+            f"{data_dir}/meta.json is for tokenizer {meta.get('tokenizer')!r} "
+            f"({meta.get('dtype')}), not gpt2 (uint16); {fix}"
+        )
+    if not path.exists():
+        raise DataError(f"{path} is missing; {fix}")
+    size = path.stat().st_size
+    if size % 2:
+        raise DataError(
+            f"{path} has an odd byte size ({size:,}), so it is no uint16 token file; {fix}"
+        )
+    expected = meta["splits"][split]["tokens"]
+    if size // 2 != expected:
+        raise DataError(
+            f"{path} holds {size // 2:,} tokens but meta.json says {expected:,} (truncated?); {fix}"
+        )
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    # Chunked so that even a 1 GB bin is checked without holding it in memory.
+    step = 1 << 24
+    top = max((int(tokens[i : i + step].max()) for i in range(0, len(tokens), step)), default=0)
+    if top >= tokenizer.VOCAB_SIZE:
+        raise DataError(
+            f"{path} holds token id {top}, beyond the gpt2 vocab of {tokenizer.VOCAB_SIZE}; {fix}"
+        )
+    return tokens
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int):
+    """``(x, y)`` int64 tensors of shape (len(starts), block_size): exact shifted slices."""
+    buf = np.stack([tokens[i : i + block_size + 1] for i in starts]).astype(np.int64)
+    buf = torch.from_numpy(buf)
+    return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+
+class RandomWindows(IterableDataset):
+    """An endless stream of batches of random windows (yields whole batches)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        start: int = 0,
+    ) -> None:
+        self.path, self.block_size, self.batch_size = str(path), block_size, batch_size
+        self.seed, self.rank, self.start = seed, rank, start
+
+    def starts(self, batch_index: int, n_tokens: int) -> np.ndarray:
+        """Window starts of batch ``batch_index``: uniform over all valid starts."""
+        rng = np.random.default_rng((self.seed, self.rank, batch_index))
+        return rng.integers(0, n_tokens - self.block_size, size=self.batch_size)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        tokens = np.memmap(self.path, dtype=np.uint16, mode="r")  # opened in each worker
+        for b in itertools.count(self.start + worker, workers):
+            yield _windows(tokens, self.starts(b, len(tokens)), self.block_size)
+
+
+class FixedWindows(Dataset):
+    """A fixed list of windows: ``n`` evenly spaced over the split, or ``"all"``
+    non-overlapping windows covering it."""
+
+    def __init__(self, path: str | Path, n_tokens: int, block_size: int, n: int | str) -> None:
+        self.path, self.block_size = str(path), block_size
+        last = n_tokens - block_size - 1  # the last valid start
+        if n == "all":
+            self.starts = np.arange(0, last + 1, block_size)
+        else:
+            self.starts = np.unique(np.linspace(0, last, num=int(n)).round().astype(np.int64))
+        self._tokens = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, k: int):
+        if self._tokens is None:  # opened lazily, once per worker
+            self._tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+        x, y = _windows(self._tokens, self.starts[k : k + 1], self.block_size)
+        return x[0], y[0]
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Train/val batches from ``train.bin``/``val.bin`` in ``data_dir``, prepared on demand."""
+
+    def __init__(
+        self,
+        dir: str = "data/tinystories",
+        block_size: int = 256,
+        batch_size: int = 32,
+        source: str = DEFAULT_SOURCE,
+        num_workers: int = 2,
+        val_fraction: float = 0.01,
+        val_windows: int | str = 200,
+        overwrite: bool = False,
+        seed: int = 1337,
+    ) -> None:
+        super().__init__()
+        self.dir, self.source = Path(dir).expanduser().resolve(), source
+        self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
+        self.val_fraction, self.val_windows, self.overwrite = val_fraction, val_windows, overwrite
+        self.seed = seed
+        self.n_tokens: dict[str, int] = {}
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node, before setup().
+        prepare(self.source, self.dir, self.val_fraction, self.overwrite)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            n = len(load_tokens(self.dir, split))
+            if self.block_size >= n:
+                raise DataError(
+                    f"model.block_size={self.block_size} is not smaller than the {n:,} tokens of "
+                    f"{self.dir}/{split}.bin; use a smaller block_size or more data"
+                )
+            self.n_tokens[split] = n
+        self.meta = read_meta(self.dir)
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        trainer, rank, start = self.trainer, 0, 0
+        if trainer is not None:
+            rank = trainer.global_rank
+            # On resume the loops are restored before this is called: continue the stream
+            # at the first micro-batch the interrupted run had not trained on.
+            start = trainer.global_step * trainer.accumulate_grad_batches
+        stream = RandomWindows(
+            self.dir / "train.bin", self.block_size, self.batch_size, self.seed, rank, start
+        )
+        return self._loader(stream, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        windows = FixedWindows(
+            self.dir / "val.bin", self.n_tokens["val"], self.block_size, self.val_windows
+        )
+        return self._loader(windows, batch_size=self.batch_size, shuffle=False)

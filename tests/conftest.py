@@ -1,0 +1,98 @@
+"""Shared fixtures: the real TinyStories pieces (skipped when absent) and small written sources.
+
+No test reaches the network: the Hugging Face libraries are put offline before anything
+imports them, and the one hub code path that is tested gets a monkeypatched loader.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories"
+V1_NAME = "TinyStories-train.head-2MiB.txt"
+V2_NAME = "TinyStoriesV2-GPT4-train.head-10000-lines.txt"
+EOT = "<|endoftext|>"
+
+
+@pytest.fixture(scope="session")
+def tinystories_dir() -> Path:
+    """``<repo>/../shared/data/tinystories``: real TinyStories text (see its SOURCES.md)."""
+    if not TINYSTORIES.is_dir():
+        pytest.skip(f"real TinyStories pieces not found at {TINYSTORIES} (a sibling of the repo)")
+    return TINYSTORIES
+
+
+def _piece(tinystories_dir: Path, name: str) -> Path:
+    path = tinystories_dir / name
+    if not path.is_file():
+        pytest.skip(f"{name} not found in {tinystories_dir}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def v1_txt(tinystories_dir: Path) -> Path:
+    """The first 2 MiB of TinyStories-train.txt: 2,317 stories (the last one cut off)."""
+    return _piece(tinystories_dir, V1_NAME)
+
+
+@pytest.fixture(scope="session")
+def v2_txt(tinystories_dir: Path) -> Path:
+    """The first 10,000 lines of TinyStoriesV2-GPT4-train.txt: 1,728 stories."""
+    return _piece(tinystories_dir, V2_NAME)
+
+
+def parse_stories(text: str) -> list[str]:
+    """Stories of TinyStories-format text, parsed line by line (independently of slm.prepare):
+    a line that is only ``<|endoftext|>`` (give or take whitespace) ends a story; stories are
+    stripped and empty ones dropped."""
+    stories, lines = [], []
+    for line in text.split("\n"):
+        if line.strip() == EOT:
+            stories.append("\n".join(lines).strip())
+            lines = []
+        else:
+            lines.append(line)
+    stories.append("\n".join(lines).strip())
+    return [s for s in stories if s]
+
+
+def write_txt(path: Path, stories: list[str]) -> Path:
+    """Write ``stories`` in the dataset's own text format (each followed by a separator line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{s}\n{EOT}\n" for s in stories), encoding="utf-8")
+    return path
+
+
+VOCAB = (
+    "Once upon a time there was a little girl named Lily . She loved to play in the park "
+    'with her dog Max . One day , they found a big red ball under a tree ! " Look ! " said '
+    "Lily . Max wagged his tail and ran fast . The sun was warm and the sky was blue . Tom "
+    "the cat was sad because he lost his toy car . They all became good friends ."
+)
+WORDS = VOCAB.split()
+
+
+def make_stories(n: int, seed: int = 0, words: tuple[int, int] = (20, 80)) -> list[str]:
+    """``n`` deterministic, varied little stories (a few sentences each, some on two lines)."""
+    rng = random.Random(seed)
+    stories = []
+    for i in range(n):
+        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words)))
+        if i % 3 == 0:
+            body = body.replace(" . ", ".\n", 1)
+        stories.append(f"Story {i}: {body}")
+    return stories
+
+
+@pytest.fixture
+def small_txt(tmp_path: Path) -> Path:
+    """A 300-story TinyStories-format file written by the test."""
+    return write_txt(tmp_path / "src" / "stories.txt", make_stories(300))

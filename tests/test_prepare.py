@@ -1,0 +1,631 @@
+"""slm.prepare: sources -> train.bin / val.bin / meta.json, exactly, safely, with clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+from conftest import EOT, REPO, make_stories, parse_stories, write_txt
+
+from slm import prepare as P
+from slm import tokenizer
+from slm.prepare import DataError, prepare
+
+ENC = tiktoken.get_encoding("gpt2")
+EOT_ID = 50256
+
+
+def story_tokens(stories: list[str]) -> list[list[int]]:
+    return [ENC.encode_ordinary(s) + [EOT_ID] for s in stories]
+
+
+def held_out(n: int, fraction: float) -> list[bool]:
+    return [math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(n)]
+
+
+def expected_bins(stories: list[str], val_fraction: float | None, val: list[str] = ()):
+    """(train ids, val ids): with ``val_fraction`` the held-out stories go to val, else the
+    given ``val`` stories do."""
+    train_ids: list[int] = []
+    val_ids: list[int] = []
+    mask = held_out(len(stories), val_fraction) if val_fraction else [False] * len(stories)
+    for ids, to_val in zip(story_tokens(stories), mask):
+        (val_ids if to_val else train_ids).extend(ids)
+    for ids in story_tokens(list(val)):
+        val_ids.extend(ids)
+    return train_ids, val_ids
+
+
+def read_bin(path: Path) -> list[int]:
+    return np.fromfile(path, dtype=np.uint16).tolist()
+
+
+def assert_bins(out: Path, train: list[int], val: list[int]) -> None:
+    assert read_bin(out / "train.bin") == train
+    assert read_bin(out / "val.bin") == val
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["tokens"] == len(train)
+    assert meta["splits"]["val"]["tokens"] == len(val)
+
+
+def assert_one_line(exc: pytest.ExceptionInfo) -> None:
+    msg = str(exc.value)
+    assert msg and "\n" not in msg, f"error message is not a single line: {msg!r}"
+
+
+def snapshot(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.iterdir())}
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def v1_prepared(v1_txt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("v1")
+    return out, prepare(str(v1_txt), out, val_fraction=0.01)
+
+
+def test_real_v1_piece_is_tokenized_exactly(v1_txt, v1_prepared):
+    out, meta = v1_prepared
+    stories = parse_stories(v1_txt.read_text(encoding="utf-8"))
+    assert len(stories) == 2317  # 2,316 whole + the one cut off at the end of the 2 MiB
+    tokens = story_tokens(stories)
+    assert sum(len(t) for t in tokens) == 502_779
+
+    held = [i for i in range(len(stories)) if (i + 1) % 100 == 0]  # 1% = every 100th story
+    assert len(held) == math.floor(2317 * 0.01) == 23
+    train = [t for i, ids in enumerate(tokens) if i not in held for t in ids]
+    val = [t for i in held for t in tokens[i]]
+    assert read_bin(out / "train.bin") == train
+    assert read_bin(out / "val.bin") == val
+
+    assert meta == json.loads((out / "meta.json").read_text())
+    assert meta["source"] == str(v1_txt.resolve())
+    assert meta["tokenizer"] == "gpt2"
+    assert meta["vocab_size"] == 50257
+    assert meta["eot_token"] == 50256
+    assert meta["dtype"] == "uint16"
+    assert meta["val_split"] == "held-out"
+    assert meta["val_fraction"] == 0.01
+    nbytes = [len(s.encode("utf-8")) for s in stories]
+    assert meta["splits"] == {
+        "train": {
+            "tokens": len(train),
+            "stories": 2317 - 23,
+            "bytes": sum(b for i, b in enumerate(nbytes) if i not in held),
+        },
+        "val": {"tokens": len(val), "stories": 23, "bytes": sum(nbytes[i] for i in held)},
+    }
+    assert len(train) + len(val) == 502_779
+    assert (out / "train.bin").stat().st_size == 2 * len(train)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_real_v2_piece_is_tokenized_exactly(v2_txt, tmp_path):
+    stories = parse_stories(v2_txt.read_text(encoding="utf-8"))
+    assert len(stories) == 1728
+    meta = prepare(str(v2_txt), tmp_path, val_fraction=0.05)
+    assert_bins(tmp_path, *expected_bins(stories, 0.05))
+    assert meta["splits"]["val"]["stories"] == math.floor(1728 * 0.05)
+
+
+# ----------------------------------------------------------------------------- text format
+
+
+def test_txt_separator_variants(tmp_path):
+    text = (
+        f"{EOT}\n"  # a separator on the first line: no empty story
+        "First story.\nSecond paragraph.\n"
+        f"  {EOT}  \n"  # spaces around the marker
+        "Second story mentions <|endoftext|> inline, which stays text.\n"
+        f"{EOT}\r\n"  # a CRLF line
+        f"\t{EOT}\n"  # consecutive separators: no empty story
+        "\n\n   Third story, padded with blank lines.   \n\n"
+        f"{EOT}\n"
+        "A <|endoftext|> line that is not only the marker.\n"
+        f"{EOT}<|endoftext|>\n"  # two markers on a line: not a separator
+        "Last story.\n"
+        f"{EOT}"  # a last separator with no newline after it
+    )
+    path = tmp_path / "odd.txt"
+    path.write_bytes(text.encode("utf-8"))
+    stories = parse_stories(text.replace("\r\n", "\n"))
+    assert stories == [
+        "First story.\nSecond paragraph.",
+        "Second story mentions <|endoftext|> inline, which stays text.",
+        "Third story, padded with blank lines.",
+        f"A <|endoftext|> line that is not only the marker.\n{EOT}<|endoftext|>\nLast story.",
+    ]
+    assert [s for b in P._txt_stories(path, batch=2) for s in b] == stories
+    meta = prepare(str(path), tmp_path / "out", val_fraction=0.5)
+    assert_bins(tmp_path / "out", *expected_bins(stories, 0.5))
+    assert meta["splits"]["val"]["stories"] == 2
+
+
+def test_txt_without_final_separator_keeps_the_last_story(tmp_path):
+    path = tmp_path / "cut.txt"
+    path.write_text(f"One.\n{EOT}\nTwo.\n{EOT}\nThree, cut off mid", encoding="utf-8")
+    assert [s for b in P._txt_stories(path, batch=10) for s in b] == [
+        "One.",
+        "Two.",
+        "Three, cut off mid",
+    ]
+
+
+def test_txt_read_in_blocks_matches_a_whole_file_parse(tmp_path):
+    """Over 2 MiB, so stories and separators straddle the read blocks; mixed separator
+    styles, so both the fast split and the regex split are used."""
+    stories = make_stories(8000, seed=1, words=(40, 90))
+    seps = [f"{EOT}\n", f" {EOT}\n", f"{EOT}\t\n", f"{EOT}\n{EOT}\n"]
+    parts = []
+    for i, s in enumerate(stories):
+        # the mixed styles only in the second half: the first blocks take the fast path
+        parts.append(f"{s}\n{seps[i % 4] if i > 4000 else seps[0]}")
+    path = tmp_path / "big.txt"
+    path.write_text("".join(parts), encoding="utf-8")
+    assert path.stat().st_size > 2 * (1 << 20)
+    batches = list(P._txt_stories(path, batch=333))
+    assert [len(b) for b in batches[:-1]] == [333] * (len(batches) - 1)
+    assert [s for b in batches for s in b] == stories
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", f"{EOT}\n{EOT}\n", f"  \n{EOT}\n \t \n{EOT}\n"])
+def test_split_stories_fast_path_agrees_with_regex(text):
+    a = [p.strip() for p in P._split_stories(text + "\n")]
+    b = [p.strip() for p in P.SEPARATOR.split(text + "\n")]
+    assert [s for s in a if s] == [s for s in b if s] == []
+
+
+# ----------------------------------------------------------------------------- other sources
+
+
+def test_jsonl_source(tmp_path):
+    rows = [{"text": s, "id": i} for i, s in enumerate(make_stories(120))]
+    rows += [{"text": "", "id": -1}, {"text": None, "id": -2}, {"text": "  padded  ", "id": -3}]
+    path = tmp_path / "stories.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    stories = make_stories(120) + ["padded"]
+    meta = prepare(str(path), tmp_path / "out", val_fraction=0.05)
+    assert_bins(tmp_path / "out", *expected_bins(stories, 0.05))
+    assert meta["splits"]["train"]["stories"] + meta["splits"]["val"]["stories"] == 121
+
+
+def test_json_source(tmp_path):
+    stories = make_stories(80, seed=2)
+    path = tmp_path / "stories.json"
+    path.write_text(json.dumps([{"text": s} for s in stories]), encoding="utf-8")
+    prepare(str(path), tmp_path / "out", val_fraction=0.1)
+    assert_bins(tmp_path / "out", *expected_bins(stories, 0.1))
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    stories = make_stories(150, seed=3)
+    path = tmp_path / "stories.parquet"
+    pq.write_table(pa.table({"id": list(range(150)), "text": stories}), path)
+    meta = prepare(str(path), tmp_path / "out", val_fraction=0.02)
+    assert_bins(tmp_path / "out", *expected_bins(stories, 0.02))
+    assert meta["source"] == str(path.resolve())
+
+
+def test_directory_with_train_and_valid_files(tmp_path):
+    train, valid = make_stories(60, seed=4), make_stories(7, seed=5)
+    src = tmp_path / "TinyStories"
+    write_txt(src / "TinyStories-train.txt", train)
+    write_txt(src / "TinyStories-valid.txt", valid)
+    (src / "README.md").write_text("not a source file")
+    meta = prepare(str(src), tmp_path / "out", val_fraction=0.5)
+    assert_bins(tmp_path / "out", *expected_bins(train, None, val=valid))
+    assert meta["val_split"] == "validation"
+    assert meta["val_fraction"] is None
+    assert meta["splits"]["train"]["stories"] == 60
+    assert meta["splits"]["val"]["stories"] == 7
+    # the recorded val_fraction is null, so another val_fraction is still the same data
+    before = snapshot(tmp_path / "out")
+    assert prepare(str(src), tmp_path / "out", val_fraction=0.3) == meta
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_directory_of_mixed_files_in_sorted_order(tmp_path):
+    a, b, c, v = (make_stories(n, seed=s) for n, s in ((20, 6), (15, 7), (10, 8), (5, 9)))
+    src = tmp_path / "src"
+    write_txt(src / "a-part.txt", a)
+    (src / "b").mkdir()
+    (src / "b" / "part.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in b))
+    write_txt(src / "interval.txt", c)  # "val" inside a word: a training file
+    (src / "validation.json").write_text(json.dumps([{"text": s} for s in v]))
+    prepare(str(src), tmp_path / "out")
+    assert_bins(tmp_path / "out", *expected_bins(a + b + c, None, val=v))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """datasets.load_dataset replaced by an in-memory DatasetDict; records its calls."""
+    import datasets
+
+    calls = []
+    splits = {
+        "train": make_stories(90, seed=10) + ["", "  "],  # empty rows are skipped
+        "validation": make_stories(6, seed=11),
+    }
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.DatasetDict(
+            {k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls, splits
+
+
+def test_hub_source_uses_its_train_and_validation_splits(fake_hub, tmp_path):
+    calls, splits = fake_hub
+    meta = prepare(data_dir=tmp_path / "out")  # the default source
+    assert calls == [(("roneneldan/TinyStories",), {})]
+    train, val = splits["train"][:90], splits["validation"]
+    assert_bins(tmp_path / "out", *expected_bins(train, None, val=val))
+    assert meta["source"] == "roneneldan/TinyStories"
+    assert meta["val_split"] == "validation"
+    assert meta["val_fraction"] is None
+
+
+def test_hub_source_without_validation_split_holds_out(fake_hub, tmp_path):
+    _, splits = fake_hub
+    del splits["validation"]
+    meta = prepare("someone/stories", tmp_path / "out", val_fraction=0.1)
+    assert_bins(tmp_path / "out", *expected_bins(splits["train"][:90], 0.1))
+    assert meta["val_split"] == "held-out"
+
+
+def test_hub_errors_are_data_errors(monkeypatch, tmp_path):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/stories' on the Hub\n(more lines)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"could not load it from the Hugging Face hub") as e:
+        prepare("someone/stories", tmp_path / "out")
+    assert "ConnectionError: Couldn't reach" in str(e.value)
+    assert_one_line(e)
+
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda *a, **k: datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["x"]})}),
+    )
+    with pytest.raises(DataError, match=r"has no 'train' split") as e:
+        prepare("someone/stories", tmp_path / "out")
+    assert_one_line(e)
+
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda *a, **k: datasets.DatasetDict(
+            {"train": datasets.Dataset.from_dict({"story": ["x"]})}
+        ),
+    )
+    with pytest.raises(DataError, match=r"has no 'text' column \(columns: story\)") as e:
+        prepare("someone/stories", tmp_path / "out")
+    assert_one_line(e)
+    assert not (tmp_path / "out" / "train.bin").exists()
+
+
+# ----------------------------------------------------------------------------- re-runs
+
+
+def test_rerun_is_a_no_op(small_txt, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    meta = prepare(str(small_txt), out)
+    before = snapshot(out)
+    assert set(before) == {"meta.json", "train.bin", "val.bin"}
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a matching data dir was prepared again")
+
+    monkeypatch.setattr(P, "load_source", must_not_load)
+    assert prepare(str(small_txt), out) == meta
+    assert prepare(str(small_txt.parent / ".." / "src" / small_txt.name), out) == meta  # same path
+    assert snapshot(out) == before
+
+
+def test_mismatched_dir_is_an_error_unless_overwrite(small_txt, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)
+    other = write_txt(tmp_path / "other.txt", make_stories(200, seed=99))
+    before = snapshot(out)
+
+    with pytest.raises(DataError, match=r"holds tokens of .*stories\.txt.*overwrite=true") as e:
+        prepare(str(other), out)
+    assert_one_line(e)
+    with pytest.raises(DataError, match=r"val_fraction=0\.01\).*val_fraction=0\.2") as e:
+        prepare(str(small_txt), out, val_fraction=0.2)
+    assert_one_line(e)
+    assert snapshot(out) == before
+
+    meta = prepare(str(other), out, overwrite=True)
+    assert meta["source"] == str(other.resolve())
+    assert_bins(out, *expected_bins(make_stories(200, seed=99), 0.01))
+    after = snapshot(out)
+    assert all(after[name] != before[name] for name in before)  # every file replaced
+
+
+def test_meta_of_another_tokenizer_is_an_error(small_txt, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "tokenizer": "llama"}))
+    with pytest.raises(DataError, match=r"\(llama, .*not of .*\(gpt2") as e:
+        prepare(str(small_txt), out)
+    assert_one_line(e)
+    prepare(str(small_txt), out, overwrite=True)
+    assert json.loads((out / "meta.json").read_text())["tokenizer"] == "gpt2"
+
+
+def test_bins_without_meta_are_an_error_unless_overwrite(small_txt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.bin").write_bytes(b"\x01\x00" * 10)
+    with pytest.raises(DataError, match=r"holds \.bin files but no meta\.json") as e:
+        prepare(str(small_txt), out)
+    assert_one_line(e)
+    prepare(str(small_txt), out, overwrite=True)
+    assert_bins(out, *expected_bins(make_stories(300), 0.01))
+
+
+def test_missing_bin_is_prepared_again(small_txt, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)
+    (out / "val.bin").unlink()
+    prepare(str(small_txt), out)
+    assert_bins(out, *expected_bins(make_stories(300), 0.01))
+
+
+def test_invalid_meta_json_is_an_error(small_txt, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)
+    for bad in ("{not json", "[1, 2]"):
+        (out / "meta.json").write_text(bad)
+        with pytest.raises(DataError, match=r"meta\.json is not .*overwrite=true") as e:
+            prepare(str(small_txt), out)
+        assert_one_line(e)
+
+
+# ----------------------------------------------------------------------------- interruptions
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir())
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    """load_source in batches of 8 stories, so that a source is many batches."""
+    real = P.load_source
+    monkeypatch.setattr(P, "load_source", lambda source, batch=0: real(source, batch=8))
+
+
+def test_encoder_failure_mid_stream_leaves_nothing(small_txt, tmp_path, monkeypatch, small_batches):
+    calls = []
+    real = tokenizer.encode_stories
+
+    def flaky(stories):
+        calls.append(len(stories))
+        if len(calls) == 2:
+            raise RuntimeError("encoder died")
+        return real(stories)
+
+    monkeypatch.setattr(tokenizer, "encode_stories", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="encoder died"):
+        prepare(str(small_txt), out)
+    assert leftovers(out) == []
+
+
+def test_interrupt_from_the_source_leaves_nothing(tmp_path, monkeypatch):
+    def stories():
+        yield make_stories(50)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "load_source", lambda source, batch=0: {"train": [stories()], "val": []})
+    out = tmp_path / "out"
+    src = write_txt(tmp_path / "s.txt", ["x"])
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), out)
+    assert leftovers(out) == []
+
+
+def test_failed_overwrite_leaves_no_trusted_bins(small_txt, tmp_path, monkeypatch, small_batches):
+    from slm.data import TokenDataModule, load_tokens
+
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)
+    assert len(load_tokens(out, "train")) > 0
+
+    real = tokenizer.encode_stories
+    calls = []
+
+    def flaky(stories):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(stories)
+
+    monkeypatch.setattr(tokenizer, "encode_stories", flaky)
+    other = write_txt(tmp_path / "other.txt", make_stories(100, seed=3))
+    with pytest.raises(OSError, match="No space left"):
+        prepare(str(other), out, overwrite=True)
+    monkeypatch.setattr(tokenizer, "encode_stories", real)
+
+    # The old bins may remain, but nothing vouches for them any more.
+    assert "meta.json" not in leftovers(out)
+    assert not [n for n in leftovers(out) if n.endswith(".tmp")]
+    with pytest.raises(DataError, match=r"meta\.json is missing") as e:
+        load_tokens(out, "train")
+    assert_one_line(e)
+    with pytest.raises(DataError, match=r"no meta\.json"):
+        prepare(str(small_txt), out)
+    dm = TokenDataModule(dir=str(out), block_size=8, source=str(small_txt), num_workers=0)
+    with pytest.raises(DataError, match=r"meta\.json is missing"):
+        dm.setup()
+
+    prepare(str(other), out, overwrite=True)
+    assert_bins(out, *expected_bins(make_stories(100, seed=3), 0.01))
+
+
+def test_bad_structured_source_does_not_touch_existing_data(small_txt, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)
+    before = snapshot(out)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"story": ["a", "b"]}), bad)
+    with pytest.raises(DataError, match=r"has no 'text' column"):
+        prepare(str(bad), out, overwrite=True)
+    assert snapshot(out) == before  # meta.json and bins still there, untouched
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def check_error(source, out, pattern, **kwargs) -> None:
+    with pytest.raises(DataError, match=pattern) as e:
+        prepare(str(source), out, **kwargs)
+    assert_one_line(e)
+    assert not out.exists() or not [n for n in leftovers(out) if n != "meta.json"]
+
+
+@pytest.mark.parametrize(
+    "source", ["/nonexistent/stories.txt", "missing.txt", "./data/nope", "~/no/such/dir"]
+)
+def test_missing_source_path(source, tmp_path):
+    check_error(source, tmp_path / "out", r"no such file or directory; check the path")
+
+
+@pytest.mark.parametrize(
+    "text", ["", "\n\n", f"{EOT}\n{EOT}\n", f"   \n{EOT}\n\t\n{EOT}\n  "], ids=repr
+)
+def test_source_without_text(text, tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text(text, encoding="utf-8")
+    check_error(path, tmp_path / "out", r"holds no text")
+
+
+def test_source_with_too_few_stories_for_a_held_out_split(tmp_path):
+    path = write_txt(tmp_path / "few.txt", make_stories(5))
+    check_error(path, tmp_path / "out", r"no validation stories.*raise data\.val_fraction")
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1])
+def test_val_fraction_out_of_range(fraction, small_txt, tmp_path):
+    check_error(small_txt, tmp_path / "out", r"must be in \(0, 1\)", val_fraction=fraction)
+
+
+def test_parquet_without_text_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"story": ["a"], "id": [1]}), path)
+    check_error(path, tmp_path / "out", r"s\.parquet has no 'text' column \(columns: story, id\)")
+
+
+def test_jsonl_without_text_column(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"content": "a"}\n{"content": "b"}\n')
+    check_error(path, tmp_path / "out", r"s\.jsonl has no 'text' column \(columns: content\)")
+
+
+def test_malformed_jsonl(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "fine"}\n{not json\n')
+    check_error(path, tmp_path / "out", r"s\.jsonl could not be read as json \(")
+
+
+def test_not_utf8_text(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(f"Caf\xe9 story\n{EOT}\n".encode("latin-1"))
+    check_error(path, tmp_path / "out", r"latin1\.txt is not UTF-8 text")
+
+
+def test_unsupported_file_and_empty_dirs(tmp_path):
+    csv = tmp_path / "s.csv"
+    csv.write_text("text\na\n")
+    check_error(csv, tmp_path / "out", r"is a \.csv file; give a .*\.txt file or a directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.md").write_text("x")
+    check_error(empty, tmp_path / "out", r"holds no .* files")
+    only_val = tmp_path / "only_val"
+    write_txt(only_val / "TinyStories-valid.txt", ["a"])
+    check_error(only_val, tmp_path / "out", r"holds only validation files")
+
+
+def test_data_dir_under_a_file_is_not_writable(small_txt, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    check_error(small_txt, afile / "sub", r"data\.dir .* is not writable \(Not a directory\)")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_data_dir_without_write_permission(small_txt, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod does not stop root from writing")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        check_error(small_txt, ro / "sub", r"is not writable \(Permission denied\)")
+        check_error(small_txt, ro, r"is not writable \(Permission denied\)")
+    finally:
+        ro.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "slm.prepare", *overrides],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_prepares_and_prints_counts(small_txt, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli(f"data.source={small_txt}", f"data.dir={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    stories = make_stories(300)
+    train, val = expected_bins(stories, 0.01)
+    assert_bins(out, train, val)
+    nbytes = [len(s.encode()) for s in stories]
+    val_bytes = sum(b for b, h in zip(nbytes, held_out(300, 0.01)) if h)
+    assert r.stdout.splitlines() == [
+        f"train: 297 stories, {len(train):,} tokens, {sum(nbytes) - val_bytes:,} bytes",
+        f"val: 3 stories, {len(val):,} tokens, {val_bytes:,} bytes",
+        f"wrote {out}/{{train.bin,val.bin,meta.json}}",
+    ]
+
+
+def test_cli_missing_source_is_a_one_line_error(tmp_path):
+    r = run_cli("data.source=/no/such/stories.txt", f"data.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "error: data.source /no/such/stories.txt: no such file or directory; check the path"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,89 @@
+"""slm.tokenizer: gpt2 through tiktoken, one EOT after every story."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import tiktoken
+
+from slm import tokenizer
+
+STORIES = [
+    "Once upon a time, there was a little dog named Max.",
+    'Lily said, "Look!"\nThe ball was red.',  # two paragraphs
+    "Ünïcödé: naïve café, 日本語の話, emoji 🐶🎈 and a long dash — done.",
+    "A story that mentions <|endoftext|> as plain text, twice: <|endoftext|>.",
+    "   leading and trailing spaces are the caller's business   ",
+    "x",
+    "Numbers 12345 and 3.14, tabs\tand\r\nwindows newlines.",
+]
+
+
+def reference(stories: list[str]) -> list[int]:
+    """What encode_stories must equal: encode_ordinary of each story, then the EOT id."""
+    enc = tiktoken.get_encoding("gpt2")
+    out: list[int] = []
+    for s in stories:
+        out += enc.encode_ordinary(s) + [50256]
+    return out
+
+
+def test_constants_match_tiktoken_gpt2():
+    enc = tokenizer.get_encoding()
+    assert tokenizer.NAME == enc.name == "gpt2"
+    assert tokenizer.VOCAB_SIZE == enc.n_vocab == 50257
+    assert tokenizer.EOT_ID == enc.eot_token == 50256
+    assert enc.encode(tokenizer.EOT, allowed_special={tokenizer.EOT}) == [tokenizer.EOT_ID]
+
+
+def test_encode_treats_marker_text_as_ordinary_text():
+    ids = tokenizer.encode("a <|endoftext|> b")
+    assert tokenizer.EOT_ID not in ids
+    assert tokenizer.decode(ids) == "a <|endoftext|> b"
+
+
+@pytest.mark.parametrize(
+    "stories",
+    [
+        STORIES[:3],  # the fast path: one joined encode call
+        STORIES,  # holds the literal marker text: the story-by-story path
+        [STORIES[3]],
+        [],
+        [""],  # an empty story still gets its EOT
+    ],
+    ids=["plain", "with-marker-text", "marker-only-story", "none", "empty-story"],
+)
+def test_encode_stories_equals_per_story_encode_ordinary_plus_eot(stories):
+    ids = tokenizer.encode_stories(stories)
+    assert ids.dtype == np.uint16
+    assert ids.tolist() == reference(stories)
+    assert int((ids == tokenizer.EOT_ID).sum()) == len(stories)
+
+
+def test_encode_stories_lone_surrogate_falls_back_like_encode_ordinary():
+    stories = ["bad \ud800 surrogate", "fine"]
+    assert tokenizer.encode_stories(stories).tolist() == reference(stories)
+
+
+def test_encode_stories_roundtrips_through_decode():
+    ids = tokenizer.encode_stories(STORIES)
+    assert tokenizer.decode(ids) == "".join(s + tokenizer.EOT for s in STORIES)
+
+
+def test_encode_stories_is_the_same_in_other_threads():
+    """Each thread encodes with its own copy of the encoding: same tokens everywhere."""
+    results: dict[int, list[int]] = {}
+
+    def work(k: int) -> None:
+        results[k] = tokenizer.encode_stories(STORIES).tolist()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[k] for k in range(3)] == [reference(STORIES)] * 3
+    assert tokenizer.thread_encoding() is tokenizer.thread_encoding()  # one copy per thread
+    assert tokenizer.thread_encoding() is not tokenizer.get_encoding()
