@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,10 +13,6 @@ from slm.model import GPT, GPTConfig
 from slm.module import GPTModule
 from slm.prepare import DataError, prepare
 from slm.train import train
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinystories"
-V1 = SHARED / "TinyStories-train.head-2MiB.txt"
-
 
 # model=tiny on CPU, small batches: a step takes ~0.1 s.
 TINY_ARGS = [
@@ -40,11 +35,9 @@ def tiny_cfg(data_dir, run_dir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def v1_dir(tmp_path_factory):
-    if not V1.exists():
-        pytest.skip(f"real TinyStories text not found at {V1} (needs ../shared beside the repo)")
+def v1_dir(tmp_path_factory, v1_txt):
     d = tmp_path_factory.mktemp("v1")
-    prepare(str(V1), d, val_fraction=0.02)
+    prepare(str(v1_txt), d, val_fraction=0.02)
     return d
 
 
@@ -64,9 +57,9 @@ def small_dir(tmp_path_factory):
     return d / "data", str(src)
 
 
-def test_fit_on_real_tinystories_fills_run_dir(v1_dir, tmp_path):
+def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path):
     run = tmp_path / "run"
-    cfg = tiny_cfg(v1_dir, run, f"data.source={V1}", "data.val_fraction=0.02")
+    cfg = tiny_cfg(v1_dir, run, f"data.source={v1_txt}", "data.val_fraction=0.02")
     best = train(cfg)
 
     metrics = json.loads((run / "metrics.json").read_text())
