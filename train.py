@@ -22,8 +22,7 @@ def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except (ConfigError, DataError, FloatingPointError) as e:
-        log.error("error: %s", e)
-        print(f"error: {e}", file=sys.stderr)
+        log.error("error: %s", e)  # one line, on the console and in the run's log
         sys.exit(1)
 
 

@@ -14,11 +14,11 @@ timed run each, after a short warm-up. Batch default: 1 on CPU, 1 and 8 on a GPU
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import torch
+from common import cpu_name
 from omegaconf import OmegaConf
 
 from slm import tokenizer
@@ -27,16 +27,6 @@ from slm.sample import generate, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Once upon a time"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(model: GPT, batch: int, new_tokens: int, use_cache: bool) -> tuple[float, list]:

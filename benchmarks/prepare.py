@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "tinystories" / "TinyStories-train.head-2MiB.txt"
@@ -62,16 +63,6 @@ def timed(fn, source: Path, out: Path) -> float:
     return time.perf_counter() - t
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
@@ -106,7 +97,7 @@ def main() -> None:
     tokens = sum(s["tokens"] for s in splits)
     mb = args.source.stat().st_size / 1e6
     print(f"source: {args.source.name} ({mb:.2f} MB, {stories:,} stories, {tokens:,} tokens)")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; python {platform.python_version()}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; python {platform.python_version()}")
     print(f"best of {args.repeat} runs; bins identical: yes")
     print(f"{'':28}{'seconds':>9}{'stories/s':>12}{'tokens/s':>13}{'MB/s':>8}")
     rows = [

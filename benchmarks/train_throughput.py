@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from common import cpu_name
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -154,7 +155,7 @@ def main() -> None:
     tokens_per_step = args.batch * args.block_size
     tps_bare = args.steps * tokens_per_step / min(bare)
     tps_light = args.steps * tokens_per_step / min(light)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({cpu_name()})"
     print(f"device: {device}  model={args.model}  batch={args.batch}x{args.block_size}  "
           f"precision={args.precision}  compile={args.compile}  steps={args.steps}")  # fmt: skip
     print(f"bare PyTorch loop : {tps_bare:12,.0f} tokens/s")

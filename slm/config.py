@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -120,7 +120,3 @@ def validate(cfg: DictConfig) -> None:
     vw = cfg.data.val_windows
     if not (vw == "all" or (isinstance(vw, int) and vw >= 1)):
         raise ConfigError(f"data.val_windows={vw} must be a positive integer or 'all'")
-
-
-def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

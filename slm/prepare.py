@@ -398,7 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from slm.config import ConfigError
+
     try:
         main()
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")

@@ -134,8 +134,6 @@ def train(cfg: DictConfig) -> float:
     finally:
         if trainer.is_global_zero and (history.train or history.val):
             write_outputs(run_dir, module, best, history, trainer.global_step)
-    if trainer.interrupted:
-        raise KeyboardInterrupt
     score = best.best_model_score
     return float(score) if score is not None else math.nan
 
