@@ -105,11 +105,14 @@ def train(cfg: DictConfig) -> float:
         auto_insert_metric_name=False,
         monitor="val/loss",
         mode="min",
-        save_last=True,
     )
+    # ModelCheckpoint(save_last=True) refreshes last.ckpt only when the best improves; this
+    # one (no monitor) rewrites last.ckpt at every validation, so a resume loses little.
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     history = RunHistory()
     callbacks = [
         best,
+        last,
         LastOnException(str(ckpt_dir / "last.ckpt")),
         LearningRateMonitor(logging_interval="step"),
         # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak

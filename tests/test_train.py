@@ -178,3 +178,22 @@ def test_invalid_config_fails_before_training(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         train(cfg)
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_last_ckpt_follows_training_when_val_gets_worse(small_dir, tmp_path, monkeypatch):
+    """last.ckpt is refreshed at every validation, not only when val/loss improves."""
+    data, src = small_dir
+    real = GPTModule.validation_step
+
+    def worse_each_time(self, batch, batch_idx):
+        real(self, batch, batch_idx)
+        self._val_sum[-1][0] += self.global_step * 1e3  # val/loss grows with the step
+
+    monkeypatch.setattr(GPTModule, "validation_step", worse_each_time)
+    run = tmp_path / "run"
+    train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=6",
+                   "trainer.val_check_interval=2", "optim.warmup_steps=1"))  # fmt: skip
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["best-step2.ckpt", "last.ckpt"]
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
+    assert torch.load(run / "slm.pt", weights_only=True)["step"] == 2  # the best weights
