@@ -1,6 +1,12 @@
 """A GPT in plain PyTorch, after nanoGPT: token + learned position embeddings, pre-LN blocks of
 causal self-attention and a GELU MLP, a final LayerNorm and an ``lm_head`` tied to the token
 embedding. Generation can use a key/value cache (``KVCache``): one new position per step.
+
+The changes that won since GPT-2 are config choices (the defaults are GPT-2, so old
+checkpoints load unchanged): rotary positions (``positions="rope"``, RoFormer / Llama),
+``norm="rmsnorm"`` (Llama), ``mlp="swiglu"`` (Llama) or ``"relu2"`` (Primer,
+modded-nanogpt), ``qk_norm`` (RMSNorm on each head's queries and keys: OLMo 2, Qwen 3,
+modded-nanogpt) and an untied ``lm_head`` (``tie_embeddings=False``).
 """
 
 from __future__ import annotations
@@ -12,6 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+CHOICES = {
+    "positions": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu", "relu2"),
+}
+
 
 @dataclass
 class GPTConfig:
@@ -22,10 +34,37 @@ class GPTConfig:
     vocab_size: int = 50257  # GPT-2's; the embedding is padded up to a multiple of 64
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm layers
+    positions: str = "learned"  # "learned" (absolute, GPT-2) or "rope" (rotary)
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    mlp: str = "gelu"  # "gelu", "swiglu" or "relu2"
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention
+    tie_embeddings: bool = True  # lm_head shares the token embedding's weights
+    rope_theta: float = 10000.0  # RoPE base: the slowest pair turns once per ~2*pi*theta tokens
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"positions=rope needs an even head size, got n_embd/n_head="
+                f"{self.n_embd // self.n_head}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width. GELU and ReLU^2 have two C x 4C matrices (8C^2 weights);
+        SwiGLU has three (gate, up, down), so its width is 8C/3, rounded up to a multiple of 8,
+        for about the same parameters (exactly the same at C=384 and C=768)."""
+        if self.mlp == "swiglu":
+            return 8 * math.ceil(8 * self.n_embd / 3 / 8)
+        return 4 * self.n_embd
 
     @property
     def padded_vocab_size(self) -> int:
@@ -38,14 +77,51 @@ class GPTConfig:
 
 class KVCache:
     """Keys and values of every layer for ``batch`` sequences of up to ``block_size``
-    positions, allocated once; ``pos`` is how many positions are filled."""
+    positions, allocated once; ``pos`` is how many positions are filled. With RoPE the keys
+    are stored rotated (at their cache slot's position)."""
 
     def __init__(self, config: GPTConfig, batch: int, device, dtype) -> None:
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch, config.n_head, config.block_size, hs)
+        shape = (config.n_layer, batch, config.n_head, config.block_size, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * gain: LayerNorm without the mean subtraction and the bias (Llama)."""
+
+    def __init__(self, ndim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig, ndim: int | None = None) -> nn.Module:
+    ndim = ndim or config.n_embd
+    if config.norm == "rmsnorm":
+        return RMSNorm(ndim)
+    return nn.LayerNorm(ndim, bias=config.bias)
+
+
+def rope_cache(config: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, (block_size, head_size / 2): position p turns
+    pair i by p * theta^(-2i / head_size)."""
+    hs = config.head_size
+    inv_freq = config.rope_theta ** (-torch.arange(0, hs, 2, device=device).float() / hs)
+    angles = torch.outer(torch.arange(config.block_size, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of the last dim by its angle (the half-split
+    layout of GPT-NeoX and Llama in Hugging Face). Rotations compose, so q . k depends on the
+    positions' difference only: what lets a KV cache slide (``GPT.shift_cache``)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -55,12 +131,20 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # bounds the attention logits: no loss spikes at high lr
+            self.q_norm = RMSNorm(config.head_size)
+            self.k_norm = RMSNorm(config.head_size)
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # (cos, sin) of these T positions; keys are cached rotated
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, causal = None, True
         if cache is not None:
             p = cache.pos
@@ -85,27 +169,40 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU (GPT-2), ReLU^2 (Primer: relu(x)^2, sparser and cheaper than GELU) or SwiGLU
+    (Llama: silu(gate) * up, ``c_fc`` computing gate and up in one matmul)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.kind, hidden = config.mlp, config.mlp_hidden
+        n_fc = 2 * hidden if config.mlp == "swiglu" else hidden
+        self.c_fc = nn.Linear(config.n_embd, n_fc, bias=config.bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -113,19 +210,24 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        # The order of the modules is the order of the optimizer's state in checkpoints.
+        layers = dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd))
+        if config.positions == "learned":
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers["drop"] = nn.Dropout(config.dropout)
+        layers["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        layers["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(layers)
+        if config.positions == "rope":
+            # Not saved in checkpoints (persistent=False): computed from the config.
+            cos, sin = rope_cache(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # Weight tying: the output projection is the token embedding (saves ~19M parameters
-        # at n_embd=384 and helps small models).
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying: the output projection is the token embedding (saves ~19M
+            # parameters at n_embd=384 and helps small models).
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), so the residual
         # stream's variance does not grow with depth.
@@ -143,10 +245,12 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> dict[str, int]:
-        """Parameters split as in the scaling-law papers: the (tied) token and position
-        embeddings vs. everything else."""
+        """Parameters split as in the scaling-law papers: the token and position embeddings
+        vs. everything else (an untied ``lm_head`` counts as non-embedding)."""
         total = sum(p.numel() for p in self.parameters())  # tied weights count once
-        emb = self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        emb = self.transformer.wte.weight.numel()
+        if "wpe" in self.transformer:
+            emb += self.transformer.wpe.weight.numel()
         return {"total": total, "embedding": emb, "non_embedding": total - emb}
 
     def forward(
@@ -166,10 +270,14 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self.transformer.wte(idx), None
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rope)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
@@ -180,6 +288,30 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def shift_cache(self, cache: KVCache, keep: int) -> None:
+        """Keep the newest ``keep`` cached positions, moved to the front of the cache, and
+        drop the rest: a context shift that keeps the cache (RoPE only).
+
+        A key is cached rotated at its slot p; moving it to slot p - d would need it rotated
+        at p - d. Rotations compose, so rotating it once more by -d does that exactly (what
+        llama.cpp does at a context shift); values carry no position. Attention scores then
+        depend on the same relative positions as before the shift, and new tokens continue
+        at slot ``keep``: the cache stays one preallocated tensor with positions < block_size.
+        The kept keys still remember (through the layers below) the tokens that were dropped,
+        which is what a refill would forget. With learned absolute positions a shifted key
+        would be wrong: refill the cache instead."""
+        if self.config.positions != "rope":
+            raise ValueError("shift_cache needs positions=rope; with learned positions refill")
+        if not 0 <= keep <= cache.pos:
+            raise ValueError(f"keep={keep} must be in [0, cache.pos={cache.pos}]")
+        d = cache.pos - keep
+        if d:
+            # cos(-a) = cos(a), sin(-a) = -sin(a): rotate back by d positions.
+            k = apply_rope(cache.k[:, :, :, d : cache.pos], self.rope_cos[d], -self.rope_sin[d])
+            cache.k[:, :, :, :keep] = k
+            cache.v[:, :, :, :keep] = cache.v[:, :, :, d : cache.pos].clone()  # may overlap
+        cache.pos = keep
 
     def configure_optimizer(
         self, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool = False

@@ -6,16 +6,22 @@ sampler with a key/value cache.
                      top_k=200, top_p=0.95, generator=torch.Generator().manual_seed(1337))
     print(tokenizer.decode(ids))
 
-The context window (the same with and without the cache, so both give the same tokens):
-while prompt + generated tokens fit in ``block_size``, the cache grows by one position per
-step. When the next token would not fit, the oldest half of the window is dropped (the newest
-``block_size // 2`` tokens are kept, like llama.cpp's context shift), the cache is refilled
-from those in one forward pass, and generation goes on one position per step. Why not
-nanoGPT's "always the last ``block_size`` tokens": the position embeddings are learned and
-absolute, so after a one-token slide every cached key sits at the wrong position and is
-invalid; each new token would cost a full forward over ``block_size`` tokens. The half shift
-costs one refill per ``block_size // 2`` tokens, at the price of a context that drops to
-``block_size // 2`` tokens after each shift.
+The context window: while prompt + generated tokens fit in ``block_size``, the cache grows by
+one position per step. When the next token would not fit, the oldest half of the window is
+dropped (the newest ``block_size // 2`` tokens are kept, like llama.cpp's context shift).
+
+- Learned absolute positions (GPT-2): the cache is refilled from the kept tokens in one
+  forward pass, then generation goes on one position per step (the same tokens with and
+  without the cache). Why not nanoGPT's "always the last ``block_size`` tokens": after a
+  one-token slide every cached key sits at the wrong position and is invalid; each new token
+  would cost a full forward over ``block_size`` tokens. The half shift costs one refill per
+  ``block_size // 2`` tokens.
+- RoPE: attention scores depend on relative positions only, so the cache is kept: the kept
+  half moves to the front of the cache (``GPT.shift_cache``) and the new token is its next
+  position, with no refill. The kept keys were computed when the dropped tokens were still
+  visible and keep what the layers below read from them (as in llama.cpp); the reference
+  ``use_cache=False`` recomputes the kept window from scratch instead, so the two agree up
+  to the first shift.
 """
 
 from __future__ import annotations
@@ -294,6 +300,7 @@ def generate(
     if max_new_tokens == 0:
         return out
     keep = max(1, block // 2)  # tokens kept by a context shift
+    rope = config.positions == "rope"
     autocast, dtype = _precision(model, device)
     was_training = model.training
     model.eval()
@@ -316,7 +323,12 @@ def generate(
                 if all(done) or step == max_new_tokens - 1:
                     break
                 window = torch.cat([window, tok[:, None]], dim=1)
-                if window.size(1) > block:  # context shift: keep the newest half, refill
+                if window.size(1) > block and cache is not None and rope:
+                    # context shift, RoPE: keep the newest keep - 1 cached positions, add tok
+                    window = window[:, -keep:]
+                    model.shift_cache(cache, keep - 1)
+                    logits, _ = model(tok[:, None], cache=cache, last_only=True)
+                elif window.size(1) > block:  # context shift: keep the newest half, refill
                     window = window[:, -keep:]
                     if cache is not None:
                         cache.pos = 0
