@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
+from slm.model import CHOICES
+from slm.optim import OPTIMIZERS
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -95,6 +98,33 @@ def validate(cfg: DictConfig) -> None:
         )
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    for key, allowed in CHOICES.items():
+        if m.get(key) not in allowed:
+            raise ConfigError(
+                f"model.{key}={m.get(key)} is not one of {', '.join(allowed)}; "
+                f"set model.{key}= one of them (or arch=gpt2 / arch=modern)"
+            )
+    for key in ("qk_norm", "tie_embeddings"):
+        if not isinstance(m.get(key), bool):
+            raise ConfigError(f"model.{key}={m.get(key)} must be true or false")
+    if m.positions == "rope" and (m.n_embd // m.n_head) % 2:
+        raise ConfigError(
+            f"model.positions=rope rotates pairs of dimensions: the head size "
+            f"n_embd/n_head={m.n_embd // m.n_head} must be even; change model.n_embd or n_head"
+        )
+    if m.positions == "rope" and not m.rope_theta > 0:
+        raise ConfigError(f"model.rope_theta={m.rope_theta} must be positive")
+    if o.name not in OPTIMIZERS:
+        raise ConfigError(
+            f"optim.name={o.name} is not one of {', '.join(OPTIMIZERS)}; "
+            "use optim=adamw or optim=muon"
+        )
+    if o.name == "muon":
+        for key in ("muon_lr", "muon_momentum"):
+            if not o[key] > 0:
+                raise ConfigError(f"optim.{key}={o[key]} must be positive")
+        if o.muon_weight_decay < 0:
+            raise ConfigError(f"optim.muon_weight_decay={o.muon_weight_decay} must not be negative")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be positive")
     if o.min_lr < 0:

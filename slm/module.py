@@ -1,4 +1,5 @@
-"""The LightningModule: the GPT, its next-token loss, AdamW and the warmup-cosine schedule."""
+"""The LightningModule: the GPT, its next-token loss, AdamW (or Muon + AdamW) and the
+warmup-cosine schedule."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from lightning.fabric.utilities.throughput import measure_flops
 
 from slm.model import GPT, GPTConfig
+from slm.optim import build_optimizer
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -35,18 +37,31 @@ class GPTModule(L.LightningModule):
         vocab_size: int = 50257,
         dropout: float = 0.0,
         bias: bool = False,
+        positions: str = "learned",
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        qk_norm: bool = False,
+        tie_embeddings: bool = True,
+        rope_theta: float = 10000.0,
         lr: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 200,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         max_steps: int | None = None,
+        optimizer: str = "adamw",
+        muon_lr: float = 0.02,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
         if min_lr > lr:
             raise ValueError(f"min_lr={min_lr} is above lr={lr}: the schedule would rise")
         self.save_hyperparameters()
-        self.config = GPTConfig(n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias)
+        self.config = GPTConfig(
+            n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias,
+            positions, norm, mlp, qk_norm, tie_embeddings, rope_theta,
+        )  # fmt: skip
         self.model = GPT(self.config)
         self._val_sum: list[torch.Tensor] = []
         self.val_tokens_per_byte: float | None = None  # for val/bpb, from the data's meta.json
@@ -111,9 +126,12 @@ class GPTModule(L.LightningModule):
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else h.max_steps
         if not max_steps:
             raise ValueError("trainer.max_steps must be set: the cosine schedule ends there")
-        optimizer = self.model.configure_optimizer(
-            h.lr, h.weight_decay, tuple(h.betas), fused=self.device.type == "cuda"
-        )
+        # optimizer="muon": one optimizer wrapping Muon and AdamW (slm/optim.py says why).
+        optimizer = build_optimizer(
+            self.model, h.optimizer, h.lr, h.weight_decay, tuple(h.betas),
+            fused=self.device.type == "cuda",
+            muon_lr=h.muon_lr, muon_momentum=h.muon_momentum, muon_weight_decay=h.muon_weight_decay,
+        )  # fmt: skip
         # LambdaLR multiplies the base lr; Lightning steps it once per optimizer step
         # ("interval": "step"), so gradient accumulation does not stretch the schedule.
         scheduler = torch.optim.lr_scheduler.LambdaLR(

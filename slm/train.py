@@ -73,6 +73,8 @@ def build_module(cfg: DictConfig) -> GPTModule:
         weight_decay=o.weight_decay,
         betas=tuple(o.betas),
         max_steps=cfg.trainer.max_steps,
+        optimizer=o.name,
+        **{k: o[k] for k in ("muon_lr", "muon_momentum", "muon_weight_decay") if k in o},
     )
 
 

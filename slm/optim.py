@@ -1,0 +1,114 @@
+"""The optimizers: AdamW (GPT-2, nanoGPT) or Muon for the hidden matrices with AdamW for the
+rest (modded-nanogpt, Kimi's Moonlight), built for a ``GPT`` from primitives.
+
+Muon (``torch.optim.Muon``) replaces a 2-D weight's momentum-averaged gradient by the nearest
+orthogonal matrix (a few Newton-Schulz iterations), so every direction of the matrix is
+updated at the same rate; it is only defined for matrices that act as hidden linear maps.
+The token embedding (a lookup table), the ``lm_head`` (a classifier over 50k words), the
+norm gains and the biases stay on AdamW, each kind with its own learning rate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon and AdamW stepped together, seen by Lightning as one optimizer.
+
+    Why one optimizer: Lightning's automatic optimization takes one optimizer. Two would need
+    manual optimization, where gradient accumulation, clipping, AMP loss scaling and the
+    scheduler are ours to write again (and Lightning refuses ``gradient_clip_val`` there).
+    This wrapper's ``param_groups`` are the two optimizers' own group dicts (Muon's first),
+    and both write their per-parameter state into its ``state``: so Lightning's clipping,
+    ``GradScaler.unscale_``, ``zero_grad``, the LR scheduler (each group keeps its own base
+    lr; the schedule multiplies both) and ``state_dict`` / ``load_state_dict`` (exact resume)
+    all go through the plain ``torch.optim.Optimizer`` machinery."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+        # add_param_group keeps the dicts it is given: the groups are shared, not copied.
+        super().__init__([*muon.param_groups, *adamw.param_groups], defaults={})
+        self._link()
+
+    def _link(self) -> None:
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = (
+            self.param_groups[:n],
+            self.param_groups[n:],
+        )
+        self.muon.state = self.adamw.state = self.state  # disjoint parameters: no clash
+
+    def __setstate__(self, state: dict) -> None:
+        # load_state_dict replaces param_groups and state with new objects: share them again.
+        super().__setstate__(state)
+        if "muon" in self.__dict__:
+            self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # Lightning passes the forward + backward as a closure
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
+def split_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every trainable parameter of a GPT in exactly one group (tied weights once):
+    ``muon`` the 2-D weights inside the transformer blocks, ``decay`` the other >= 2-D weights
+    (embeddings, ``lm_head``), ``no_decay`` the rest (norm gains, biases)."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "decay": [], "no_decay": []}
+    for name, p in model.named_parameters():  # yields a shared (tied) parameter once
+        if not p.requires_grad:
+            continue
+        if name.startswith("transformer.h.") and p.dim() == 2:
+            groups["muon"].append((name, p))
+        elif p.dim() >= 2:
+            groups["decay"].append((name, p))
+        else:
+            groups["no_decay"].append((name, p))
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str = "adamw",
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    fused: bool = False,
+    muon_lr: float = 0.02,
+    muon_momentum: float = 0.95,
+    muon_weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """``adamw``: the GPT's own AdamW (``GPT.configure_optimizer``). ``muon``: Muon at
+    ``muon_lr`` (scaled per matrix by sqrt(max(1, rows / cols)), Keller Jordan's rule) for
+    the blocks' matrices, AdamW at ``lr`` for the rest; ``fused`` is the AdamW part's."""
+    if name == "adamw":
+        return model.configure_optimizer(lr, weight_decay, tuple(betas), fused=fused)
+    if name != "muon":
+        raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    groups = split_params(model)
+    muon = torch.optim.Muon(
+        [p for _, p in groups["muon"]],
+        lr=muon_lr,
+        momentum=muon_momentum,
+        weight_decay=muon_weight_decay,
+        nesterov=True,
+    )
+    adamw = torch.optim.AdamW(
+        [
+            {"params": [p for _, p in groups["decay"]], "weight_decay": weight_decay},
+            {"params": [p for _, p in groups["no_decay"]], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=tuple(betas),
+        fused=fused,
+    )
+    return MuonWithAdamW(muon, adamw)
