@@ -12,13 +12,18 @@ HARDWARE = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
 def test_groups_are_the_documented_ones():
     assert MODELS == ["gpt2", "medium", "small", "tiny"]
     assert HARDWARE == ["a100", "auto", "cpu", "h100", "t4"]
+    assert sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml")) == ["gpt2", "modern"]
+    assert sorted(p.stem for p in (CONF_DIR / "optim").glob("*.yaml")) == ["adamw", "muon"]
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("hardware", HARDWARE)
 def test_every_option_composes(model, hardware):
     cfg = compose("train", [f"model={model}", f"hardware={hardware}"])
-    assert set(cfg.model) == {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"}
+    assert set(cfg.model) == {
+        "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias",
+        "positions", "norm", "mlp", "qk_norm", "tie_embeddings", "rope_theta",
+    }  # fmt: skip
     assert cfg.model.n_embd % cfg.model.n_head == 0
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # no dangling interpolations
@@ -38,6 +43,7 @@ def test_defaults():
     assert cfg.data.source == "roneneldan/TinyStories"
     assert list(cfg.optim.betas) == [0.9, 0.95]
     assert cfg.optim.weight_decay == 0.1 and cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.optim.name == "adamw" and cfg.optim.lr == 1e-3  # optim=adamw: the old keys
     assert cfg.hardware.precision == "auto"
 
 
@@ -91,7 +97,7 @@ def test_invalid_combinations(overrides, message):
         validate(compose("train", overrides))
 
 
-@pytest.mark.parametrize("group", ["model", "hardware"])
+@pytest.mark.parametrize("group", ["model", "hardware", "arch", "optim"])
 def test_unknown_group_option(group):
     with pytest.raises(ConfigError, match=f"Could not find '{group}/nope'; choose one of"):
         compose("train", [f"{group}=nope"])
