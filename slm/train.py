@@ -18,7 +18,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.trainer.states import TrainerStatus
 from omegaconf import DictConfig
 
 from slm.callbacks import (
@@ -160,16 +159,15 @@ def train(cfg: DictConfig) -> float:
     return float(score) if score is not None else math.nan
 
 
-def run_status(trainer: L.Trainer, error: BaseException | None) -> tuple[str, str | None]:
-    """``completed``, ``interrupted`` (Ctrl-C) or ``failed``, and the error's one line."""
-    if trainer.state.status == TrainerStatus.INTERRUPTED or isinstance(error, KeyboardInterrupt):
+def run_status(error: BaseException | None) -> tuple[str, str | None]:
+    """``completed``, ``interrupted`` (Ctrl-C: Lightning turns it into ``SystemExit``) or
+    ``failed``, and the error's one line."""
+    if error is None:
+        return "completed", None
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
         return "interrupted", None
-    if error is not None and not isinstance(error, SystemExit):
-        lines = str(error).strip().splitlines()
-        return "failed", f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    if error is not None:
-        return "interrupted", None
-    return "completed", None
+    lines = str(error).strip().splitlines()
+    return "failed", f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def write_outputs(
@@ -184,7 +182,7 @@ def write_outputs(
     config) and ``loss.png`` once the run has made an optimizer step. A run that failed
     before its first step leaves no weights that ``generate.py`` would take for a model."""
     steps = trainer.global_step
-    status, reason = run_status(trainer, error)
+    status, reason = run_status(error)
     run_dir.mkdir(parents=True, exist_ok=True)
     if steps > 0:
         state, best_step = module.model.state_dict(), steps
