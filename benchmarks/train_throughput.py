@@ -5,9 +5,10 @@
 
 Both sides train the same GPT (same init), on the same random-window batches (slm's own
 RandomWindows over a token file), with the same AdamW, schedule, clipping and precision. The
-Trainer is configured as train.py configures it (TensorBoard logger, LR and throughput
-monitors, run history), minus checkpointing and the progress bar. Warm-up steps (and compile
-time) are excluded from the timing.
+Trainer is configured as train.py configures it (precision plugin, fused AdamW on CUDA, the
+GPT compiled in configure_model, TensorBoard logger, LR and throughput monitors, run history),
+minus checkpointing and the progress bar. Both sides read the loss back on logging steps only
+(every 10 steps). Warm-up steps (and compile time) are excluded from the timing.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ import numpy as np
 import torch
 from common import cpu_name
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from slm.callbacks import RunHistory
+from slm.callbacks import RunHistory, SyncFreeThroughputMonitor
 from slm.config import compose
 from slm.data import RandomWindows
 from slm.module import GPTModule, lr_at
+from slm.precision import autocast_dtype, default_precision, trainer_precision
+
+LOG_EVERY = 10
 
 
 def sync(device: str) -> None:
@@ -54,10 +58,13 @@ class Timer(L.Callback):
         self.t1 = time.perf_counter()
 
 
-def make_module(args) -> GPTModule:
+def make_module(args, compile_mode: str | None = None) -> GPTModule:
     torch.manual_seed(0)
     m = compose("train", [f"model={args.model}"]).model
-    return GPTModule(**m, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=args.total)
+    return GPTModule(
+        **m, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=args.total,
+        fused=args.device == "cuda", compile=compile_mode,
+    )  # fmt: skip
 
 
 def loader(args, tokens: Path) -> DataLoader:
@@ -73,8 +80,7 @@ def bare_loop(args, tokens: Path) -> float:
         opt, lambda s: lr_at(s, 1e-3, 1e-4, 10, args.total) / 1e-3
     )
     autocast = contextlib.nullcontext()
-    if args.precision != "32-true":
-        dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float16
+    if dtype := autocast_dtype(args.precision):
         autocast = torch.autocast(args.device, dtype=dtype)
     scaler = torch.amp.GradScaler(enabled=args.precision == "16-mixed")
     model.train()
@@ -94,36 +100,39 @@ def bare_loop(args, tokens: Path) -> float:
         scaler.update()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        loss.item()  # the Trainer reads the loss every step too (logging, progress)
+        if (step + 1) % LOG_EVERY == 0:
+            loss.item()  # the Trainer reads the loss on logging steps (logging, progress)
     sync(args.device)
     return time.perf_counter() - t0
 
 
 def lightning_loop(args, tokens: Path, log_dir: Path) -> float:
-    module = make_module(args)
+    module = make_module(args, "default" if args.compile else None)
     module.flops_per_batch = module.count_flops(args.batch)  # train.py's datamodule does this
     timer = Timer(args.warmup, args.device)
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
     trainer = L.Trainer(
         max_steps=args.total,
-        accelerator="gpu" if args.device == "cuda" else "cpu",
+        accelerator=accelerator,
         devices=1,
-        precision=args.precision,
+        **trainer_precision(args.precision, accelerator),
         gradient_clip_val=1.0,
         limit_val_batches=0,
         logger=TensorBoardLogger(str(log_dir), name="tb"),
         callbacks=[
             LearningRateMonitor("step"),
-            ThroughputMonitor(lambda b: b[0].size(0), lambda b: b[0].numel(), window_size=20),
+            SyncFreeThroughputMonitor(
+                lambda b: b[0].size(0), lambda b: b[0].numel(), window_size=3
+            ),
             RunHistory(),
             timer,
         ],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        log_every_n_steps=10,
+        log_every_n_steps=LOG_EVERY,
     )
-    model = torch.compile(module) if args.compile else module
-    trainer.fit(model, loader(args, tokens))
+    trainer.fit(module, loader(args, tokens))
     return timer.t1 - timer.t0
 
 
@@ -134,12 +143,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2, help="best of N, alternating sides")
-    p.add_argument("--precision", default=None, help="default: bf16-mixed on CUDA, else 32-true")
+    p.add_argument(
+        "--precision", default=None, help="default: bf16 on A100/H100, fp16 on T4, else fp32"
+    )
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     if args.precision is None:
-        args.precision = "bf16-mixed" if args.device == "cuda" else "32-true"
+        args.precision = default_precision(args.device)
     args.total = args.warmup + args.steps
     args.block_size = compose("train", [f"model={args.model}"]).model.block_size
     if args.device == "cuda":
@@ -171,9 +182,7 @@ def main() -> None:
 
 
 def _dtype(precision: str) -> torch.dtype:
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    return torch.float16 if precision.startswith("16") else torch.float32
+    return autocast_dtype(precision) or torch.float32
 
 
 if __name__ == "__main__":

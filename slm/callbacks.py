@@ -1,18 +1,35 @@
 """Callbacks that Lightning does not ship: the run's loss history (kept in the checkpoint, so a
-resumed run's ``loss.png`` and ``metrics.json`` count the whole run), a progress bar that shows
-the optimizer step, ``last.ckpt`` on Ctrl-C, and sample stories in TensorBoard."""
+resumed run's ``loss.png`` and ``metrics.json`` count the whole run), a throughput monitor
+without a sync per batch, a progress bar that shows the optimizer step, ``last.ckpt`` on
+Ctrl-C, and sample stories in TensorBoard.
+
+Nothing here reads a GPU value (``.item()``, ``float(tensor)``) on every batch: that waits for
+the GPU and stalls the CPU that should be queueing the next kernels. Values are read on logging
+steps only (``trainer.log_every_n_steps``).
+"""
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def is_logging_step(trainer: L.Trainer) -> bool:
+    """Whether the micro-batch that just ran ends an optimizer step that Lightning logs."""
+    accumulating = trainer.fit_loop._should_accumulate()
+    return not accumulating and trainer._logger_connector.should_update_logs
 
 
 class RunHistory(L.Callback):
-    """Train loss per micro-batch, val loss per validation, tokens seen and wall time."""
+    """Train loss on logging steps, val loss per validation, tokens seen and wall time.
+
+    Reading the loss is where it is checked: a non-finite train loss stops the run with a
+    ``FloatingPointError`` (within ``log_every_n_steps`` steps of the divergence)."""
 
     def __init__(self) -> None:
         self.train: list[tuple[int, float]] = []
@@ -40,9 +57,18 @@ class RunHistory(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens += batch[0].numel() * trainer.world_size
+        if not is_logging_step(trainer):
+            return
         loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            self.train.append((self._step, float(loss)))
+        if loss is None:
+            return
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss} at step {self._step}: training diverged; "
+                "lower optim.lr or raise optim.warmup_steps"
+            )
+        self.train.append((self._step, loss))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         loss = trainer.callback_metrics.get("val/loss")
@@ -70,6 +96,24 @@ class RunHistory(L.Callback):
         self.tokens, self.seconds = state["tokens"], state["seconds"]
 
 
+class SyncFreeThroughputMonitor(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` (tokens/s, MFU), without its
+    ``torch.cuda.synchronize()`` after every batch: batches, samples and tokens are counted on
+    every batch, but the clock is read (after a sync) only on logging steps. The rates are
+    differences over the window of clock readings, so they come out the same."""
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
+        if is_logging_step(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
+            return
+        stage = trainer.state.stage
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._batches[stage] += 1
+        if self.length_fn is not None:
+            self._lengths[stage] += self.length_fn(batch)
+
+
 class StepProgressBar(TQDMProgressBar):
     """Lightning's bar, plus the optimizer step (the bar itself counts micro-batches)."""
 
@@ -86,7 +130,10 @@ class LastOnException(L.Callback):
         self.path = path
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if not trainer.sanity_checking and trainer.global_step > 0:
+        # After a divergence the weights are not worth resuming from: keep the last.ckpt of
+        # the last validation.
+        diverged = isinstance(exception, FloatingPointError)
+        if not trainer.sanity_checking and trainer.global_step > 0 and not diverged:
             trainer.save_checkpoint(self.path)
 
 

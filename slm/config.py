@@ -10,6 +10,7 @@ from omegaconf import DictConfig, open_dict
 
 from slm.model import CHOICES
 from slm.optim import OPTIMIZERS
+from slm.precision import default_precision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -37,10 +38,14 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
         raise ConfigError(msg) from e
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def resolve_hardware(cfg: DictConfig) -> DictConfig:
-    """Fill ``trainer.accelerator``, ``trainer.precision`` and ``compile`` where they are
-    ``auto``: explicit ``trainer.*`` values win over the hardware group, which wins over
-    detection (bf16-mixed where the GPU has bf16, 16-mixed on older GPUs, 32-true on CPU)."""
+    """Fill ``trainer.accelerator``, ``trainer.precision``, ``compile`` and ``optim.fused``
+    where they are ``auto``: explicit values win over the hardware group, which wins over
+    detection (``slm.precision.default_precision``). ``compile`` becomes a torch.compile mode
+    or false; ``optim.fused`` true or false."""
     hw = cfg.hardware
     accelerator = cfg.trainer.accelerator
     if accelerator == "auto":
@@ -57,22 +62,33 @@ def resolve_hardware(cfg: DictConfig) -> DictConfig:
     if precision == "auto":
         precision = str(hw.precision)
     if precision == "auto":
-        if on_gpu:
-            precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-        else:
-            precision = "32-true"
-    if not on_gpu and ("16" in precision):
+        precision = default_precision("cuda" if on_gpu else "cpu")
+    if not on_gpu and precision.startswith("16"):
+        # bf16-mixed runs on a CPU (slowly: it is there to test the mixed-precision path).
         raise ConfigError(
-            f"precision {precision} was asked for on {accelerator}: half precision is for GPUs; "
-            "use trainer.precision=32-true (or hardware=cpu) on a CPU"
+            f"precision {precision} was asked for on {accelerator}: fp16 with loss scaling is "
+            "for GPUs; use trainer.precision=32-true or bf16-mixed on a CPU"
         )
     compile_ = cfg.compile if cfg.compile != "auto" else hw.compile
     if compile_ == "auto":
         compile_ = on_gpu
+    if compile_ is True:
+        compile_ = "default"
+    if compile_ not in (False, None, *COMPILE_MODES):
+        raise ConfigError(
+            f"compile={compile_} is not auto, true, false or a torch.compile mode "
+            f"({', '.join(COMPILE_MODES)})"
+        )
+    fused = cfg.optim.get("fused", "auto")
+    if fused == "auto":
+        fused = on_gpu
+    if not isinstance(fused, bool):
+        raise ConfigError(f"optim.fused={fused} must be auto, true or false")
     with open_dict(cfg):
         cfg.trainer.accelerator = accelerator
         cfg.trainer.precision = precision
-        cfg.compile = bool(compile_)
+        cfg.compile = compile_ or False
+        cfg.optim.fused = fused
     return cfg
 
 

@@ -10,7 +10,6 @@ the TinyStories paper): ``val_loss / ln 2 * tokens / utf8_bytes`` over the val t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader
 from slm.config import ConfigError, compose
 from slm.data import FixedWindows, load_tokens
 from slm.model import GPT
+from slm.precision import inference_autocast
 from slm.prepare import DataError, prepare, read_meta
 from slm.sample import CheckpointError, load_model, resolve_device
 
@@ -41,10 +41,7 @@ def evaluate(model: GPT, data_dir: str | Path, batch_size: int = 32) -> dict:
     if T >= len(tokens):
         raise DataError(f"block_size={T} is not smaller than the {len(tokens):,} val tokens")
     windows = FixedWindows(Path(data_dir) / "val.bin", len(tokens), T, "all")
-    autocast = contextlib.nullcontext()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast = torch.autocast("cuda", dtype=dtype)
+    autocast, _ = inference_autocast(device)
     total, n = 0.0, 0
     model.eval()
     for x, y in DataLoader(windows, batch_size=batch_size):

@@ -260,8 +260,8 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits over the real vocab (padding columns are dropped, so they are never
-        sampled nor counted in the loss) and, with ``targets``, the mean cross-entropy.
+        """Logits over the real vocab (a view without the padding columns, so padding ids
+        are never sampled) and, with ``targets``, the mean cross-entropy over the real vocab.
         ``cache`` continues from ``cache.pos``; ``last_only`` computes logits for the last
         position only (generation)."""
         B, T = idx.size()
@@ -283,11 +283,20 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        V = self.config.vocab_size
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            # The loss runs over the padded logits with the padding columns at -inf: out of
+            # the softmax, so the same loss and gradients as over the real vocab. Filling a
+            # few columns in place is free, where the cross-entropy of the sliced logits
+            # copied the largest activation of the model (B x T x vocab) into a contiguous
+            # tensor, and its backward filled and copied one more. Outside autograd: their
+            # gradient is exactly 0 anyway, and the matmul does not keep its output.
+            with torch.no_grad():
+                logits[..., V:] = float("-inf")
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits[..., :V], loss
 
     def shift_cache(self, cache: KVCache, keep: int) -> None:
         """Keep the newest ``keep`` cached positions, moved to the front of the cache, and

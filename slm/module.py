@@ -49,34 +49,46 @@ class GPTModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         max_steps: int | None = None,
+        fused: bool | None = None,
+        compile: str | None = None,
         optimizer: str = "adamw",
         muon_lr: float = 0.02,
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
     ) -> None:
+        """``fused``: fused AdamW (None: on CUDA). ``compile``: a ``torch.compile`` mode for
+        the GPT ("default", "max-autotune", ...), or None for eager; a setting of this run,
+        not of the model, so it is not saved in checkpoints."""
         super().__init__()
         if min_lr > lr:
             raise ValueError(f"min_lr={min_lr} is above lr={lr}: the schedule would rise")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["compile"])
         self.config = GPTConfig(
             n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias,
             positions, norm, mlp, qk_norm, tie_embeddings, rope_theta,
         )  # fmt: skip
         self.model = GPT(self.config)
+        self.compile_mode = compile
+        self._compiled = None  # the GPT's compiled forward, made in configure_model
         self._val_sum: list[torch.Tensor] = []
         self.val_tokens_per_byte: float | None = None  # for val/bpb, from the data's meta.json
 
+    def configure_model(self) -> None:
+        # Compile the GPT, not this LightningModule: Lightning's hooks and logging stay plain
+        # Python around one graph for the GPT's forward and one for its backward. Only the
+        # training and validation forward is compiled: generation (SampleStories, generate.py)
+        # calls the eager GPT with a KV cache whose length changes every step.
+        if self.compile_mode and self._compiled is None:
+            self._compiled = torch.compile(self.model.forward, mode=self.compile_mode)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        return self.model(idx, targets)
+        return (self._compiled or self.model)(idx, targets)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self(x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.global_step}: training diverged; "
-                "try hardware precision bf16-mixed (fp16 overflows) or a lower optim.lr"
-            )
+        # No host sync here (no .item(), no isfinite branch): RunHistory reads the loss, and
+        # checks that it is finite, on logging steps only.
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -126,10 +138,12 @@ class GPTModule(L.LightningModule):
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else h.max_steps
         if not max_steps:
             raise ValueError("trainer.max_steps must be set: the cosine schedule ends there")
+        # Fused AdamW (one kernel for all parameters) is the fastest step on CUDA; it is
+        # correct with clipping and loss scaling under slm.precision.ClippableMixedPrecision.
+        fused = h.fused if h.get("fused") is not None else self.device.type == "cuda"
         # optimizer="muon": one optimizer wrapping Muon and AdamW (slm/optim.py says why).
         optimizer = build_optimizer(
-            self.model, h.optimizer, h.lr, h.weight_decay, tuple(h.betas),
-            fused=self.device.type == "cuda",
+            self.model, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), fused=fused,
             muon_lr=h.muon_lr, muon_momentum=h.muon_momentum, muon_weight_decay=h.muon_weight_decay,
         )  # fmt: skip
         # LambdaLR multiplies the base lr; Lightning steps it once per optimizer step

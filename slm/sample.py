@@ -26,7 +26,6 @@ dropped (the newest ``block_size // 2`` tokens are kept, like llama.cpp's contex
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import pickle
 import warnings
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from slm.model import GPT, GPTConfig, KVCache
+from slm.precision import inference_autocast
 from slm.tokenizer import EOT_ID
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -232,12 +232,10 @@ def _next_token(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
 
 
 def _precision(model: GPT, device: torch.device):
-    """Autocast context and KV-cache dtype: bf16 (fp16 without bf16) on CUDA, else the
-    parameters' dtype with autocast off."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype), dtype
-    return contextlib.nullcontext(), next(model.parameters()).dtype
+    """Autocast context and KV-cache dtype, as ``slm.precision`` decides for ``device``
+    (autocast off on the CPU: the parameters' dtype)."""
+    autocast, dtype = inference_autocast(device)
+    return autocast, dtype or next(model.parameters()).dtype
 
 
 def _prompt_tensor(prompt, num_samples: int, block_size: int, device) -> torch.Tensor:

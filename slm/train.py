@@ -16,14 +16,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
-from slm.callbacks import LastOnException, RunHistory, SampleStories, StepProgressBar
+from slm.callbacks import (
+    LastOnException,
+    RunHistory,
+    SampleStories,
+    StepProgressBar,
+    SyncFreeThroughputMonitor,
+)
 from slm.config import ConfigError, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.module import GPTModule
+from slm.precision import trainer_precision
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,8 @@ def build_module(cfg: DictConfig) -> GPTModule:
         weight_decay=o.weight_decay,
         betas=tuple(o.betas),
         max_steps=cfg.trainer.max_steps,
+        fused=o.fused,
+        compile=cfg.compile or None,
         optimizer=o.name,
         **{k: o[k] for k in ("muon_lr", "muon_momentum", "muon_weight_decay") if k in o},
     )
@@ -118,48 +127,81 @@ def train(cfg: DictConfig) -> float:
         LastOnException(str(ckpt_dir / "last.ckpt")),
         LearningRateMonitor(logging_interval="step"),
         # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
-        ThroughputMonitor(
-            batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(), window_size=20
+        # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
+        # The clock is read on logging steps: rates over the last 2 logging intervals.
+        SyncFreeThroughputMonitor(
+            batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(), window_size=3
         ),  # fmt: skip
         history,
         SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens),
     ]
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(StepProgressBar())
+    trainer_args = dict(cfg.trainer)
+    if trainer_args.get("enable_progress_bar", True):
+        # The bar reads the logged loss from the GPU when it refreshes: on logging steps only.
+        every = max(1, trainer_args["log_every_n_steps"]) * trainer_args["accumulate_grad_batches"]
+        callbacks.append(StepProgressBar(refresh_rate=every))
+    trainer_args.update(trainer_precision(trainer_args.pop("precision"), cfg.trainer.accelerator))
     trainer = L.Trainer(
-        **cfg.trainer,
+        **trainer_args,
         logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         num_sanity_val_steps=-1,  # a full validation before step 0: the curve's start
     )
-    model = torch.compile(module) if cfg.compile else module
+    error: BaseException | None = None
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        if trainer.is_global_zero and (history.train or history.val):
-            write_outputs(run_dir, module, best, history, trainer.global_step)
+        if trainer.is_global_zero:
+            write_outputs(run_dir, module, best, history, trainer, error)
     score = best.best_model_score
     return float(score) if score is not None else math.nan
 
 
+def run_status(error: BaseException | None) -> tuple[str, str | None]:
+    """``completed``, ``interrupted`` (Ctrl-C: Lightning turns it into ``SystemExit``) or
+    ``failed``, and the error's one line."""
+    if error is None:
+        return "completed", None
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return "interrupted", None
+    lines = str(error).strip().splitlines()
+    return "failed", f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def write_outputs(
-    run_dir: Path, module: GPTModule, best: ModelCheckpoint, history: RunHistory, steps: int
+    run_dir: Path,
+    module: GPTModule,
+    best: ModelCheckpoint,
+    history: RunHistory,
+    trainer: L.Trainer,
+    error: BaseException | None = None,
 ) -> None:
-    """``slm.pt`` (best weights + model config), ``loss.png`` and ``metrics.json``."""
-    state, best_step = module.model.state_dict(), steps
-    if best.best_model_path and Path(best.best_model_path).exists():
-        ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-        best_step = ckpt["global_step"]
-    save_atomic(
-        {"model_args": module.config.to_dict(), "model": state, "step": best_step},
-        run_dir / "slm.pt",
-    )
-    plot_losses(history, run_dir / "loss.png")
+    """``metrics.json`` always (with the run's status); ``slm.pt`` (best weights + model
+    config) and ``loss.png`` once the run has made an optimizer step. A run that failed
+    before its first step leaves no weights that ``generate.py`` would take for a model."""
+    steps = trainer.global_step
+    status, reason = run_status(error)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if steps > 0:
+        state, best_step = module.model.state_dict(), steps
+        if best.best_model_path and Path(best.best_model_path).exists():
+            ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+            state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+            best_step = ckpt["global_step"]
+        save_atomic(
+            {"model_args": module.config.to_dict(), "model": state, "step": best_step},
+            run_dir / "slm.pt",
+        )
+        plot_losses(history, run_dir / "loss.png")
     vals = [v for _, v in history.val]
     seconds = history.wall_seconds
     metrics = {
+        "status": status,
+        **({"error": reason} if reason else {}),
         "best_val_loss": min(vals) if vals else None,
         "final_val_loss": vals[-1] if vals else None,
         "steps": steps,

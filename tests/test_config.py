@@ -59,21 +59,31 @@ def test_gpu_hardware_precision(hardware, precision, compile_):
 def test_auto_on_cpu_resolves_to_fp32_without_compile(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     cfg = resolve_hardware(compose("train"))
-    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.compile) == (
-        "cpu",
-        "32-true",
-        False,
-    )
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.compile, cfg.optim.fused) == (
+        "cpu", "32-true", False, False,
+    )  # fmt: skip
 
 
-def test_auto_on_gpus(monkeypatch):
+# (name, compute capability, precision): bf16 only where the tensor cores compute it.
+GPUS = [
+    ("A100", (8, 0), "bf16-mixed"),
+    ("H100", (9, 0), "bf16-mixed"),
+    ("L4", (8, 9), "bf16-mixed"),
+    ("T4", (7, 5), "16-mixed"),
+    ("V100", (7, 0), "16-mixed"),
+]
+
+
+@pytest.mark.parametrize("name, capability, expected", GPUS)
+def test_auto_on_gpus(monkeypatch, name, capability, expected):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    for bf16, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
-        monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda b=bf16: b)
-        cfg = resolve_hardware(compose("train"))
-        assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.compile) == (
-            "gpu", expected, True,
-        )  # fmt: skip
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda device=None: capability)
+    # PyTorch says yes on every one of them, counting emulated bf16 (slow on a T4).
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda including_emulation=True: True)
+    cfg = resolve_hardware(compose("train"))
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.compile, cfg.optim.fused) == (
+        "gpu", expected, "default", True,
+    )  # fmt: skip
 
 
 def test_explicit_trainer_values_win(monkeypatch):
@@ -103,11 +113,37 @@ def test_unknown_group_option(group):
         compose("train", [f"{group}=nope"])
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_half_precision_on_cpu_is_rejected(precision):
-    cfg = compose("train", ["hardware=cpu", f"trainer.precision={precision}"])
-    with pytest.raises(ConfigError, match=f"precision {precision} was asked for on cpu"):
+def test_fp16_on_cpu_is_rejected():
+    cfg = compose("train", ["hardware=cpu", "trainer.precision=16-mixed"])
+    with pytest.raises(ConfigError, match="precision 16-mixed was asked for on cpu"):
         resolve_hardware(cfg)
+
+
+def test_bf16_mixed_is_allowed_on_cpu():
+    """It runs there (slowly), so the mixed-precision code path can be tested on a CPU."""
+    cfg = resolve_hardware(compose("train", ["hardware=cpu", "trainer.precision=bf16-mixed"]))
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("true", "default"), ("false", False), ("max-autotune", "max-autotune"), ("auto", False)],
+)
+def test_compile_takes_a_mode(monkeypatch, value, expected):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert resolve_hardware(compose("train", [f"compile={value}"])).compile == expected
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("compile=fast", "compile=fast is not auto, true, false or a torch.compile mode"),
+        ("optim.fused=maybe", "optim.fused=maybe must be auto, true or false"),
+    ],
+)
+def test_bad_compile_and_fused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_hardware(compose("train", ["hardware=cpu", override]))
 
 
 def test_gpu_hardware_without_cuda(monkeypatch):

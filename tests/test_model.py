@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from slm.model import GPT, GPTConfig, KVCache
 
@@ -110,3 +111,48 @@ def test_kv_cache_matches_full_forward(model):
     parts += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 16)]
     assert cache.pos == 16
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_over_padded_logits_equals_real_vocab_cross_entropy(model):
+    """Same loss and gradients as the cross-entropy over the real vocab's logits."""
+    idx, targets = torch.randint(0, TINY.vocab_size, (2, 3, 16))
+    params = [model.lm_head.weight, model.transformer.h[0].mlp.c_fc.weight]
+    logits, loss = model(idx, targets)
+    grads = torch.autograd.grad(loss, params)
+    logits, _ = model(idx)
+    assert logits.shape == (3, 16, TINY.vocab_size) and torch.isfinite(logits).all()
+    ref = F.cross_entropy(logits.reshape(-1, TINY.vocab_size), targets.flatten())
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g, r)
+    assert grads[0][TINY.vocab_size :].abs().sum() == 0  # padding rows learn nothing
+
+
+def test_loss_makes_no_copy_of_the_logits(model):
+    """The largest activation (B x T x vocab) is not copied on its way into the loss and back,
+    as the cross-entropy of the sliced logits did (a contiguous copy forward, a zero-filled
+    copy backward)."""
+    from torch.profiler import profile
+
+    idx, targets = torch.randint(0, TINY.vocab_size, (2, 4, 16))
+    with profile(record_shapes=True) as prof:
+        model(idx, targets)[1].backward()
+    copies = [
+        (e.name, e.input_shapes[0])
+        for e in prof.events()
+        if e.name in ("aten::clone", "aten::contiguous", "aten::copy_", "aten::slice_backward")
+        and e.input_shapes
+        and math.prod(e.input_shapes[0]) >= 4 * 16 * TINY.vocab_size
+    ]
+    assert copies == []
+
+
+def test_padding_ids_are_never_sampled(model):
+    from slm.sample import generate
+
+    with torch.no_grad():  # make the padding rows' logits the largest by far
+        model.lm_head.weight[TINY.vocab_size :] = model.lm_head.weight[:1] * 1000
+    out = generate(
+        model, [1, 2, 3], 12, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert len(out[0]) == 12 and max(out[0]) < TINY.vocab_size

@@ -64,9 +64,10 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path):
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {
-        "best_val_loss", "final_val_loss", "steps", "tokens_seen", "wall_seconds",
+        "status", "best_val_loss", "final_val_loss", "steps", "tokens_seen", "wall_seconds",
         "tokens_per_second",
     }  # fmt: skip
+    assert metrics["status"] == "completed"
     assert metrics["steps"] == 40
     assert metrics["tokens_seen"] == 40 * 8 * 64
     assert metrics["best_val_loss"] == pytest.approx(best)
@@ -107,13 +108,15 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path):
 def test_run_history_starts_with_step0_val(small_dir, tmp_path):
     data, src = small_dir
     run = tmp_path / "run"
-    train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=4",
-                   "trainer.val_check_interval=2", "optim.warmup_steps=1"))  # fmt: skip
+    train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=8",
+                   "trainer.val_check_interval=2", "optim.warmup_steps=1",
+                   "trainer.log_every_n_steps=3"))  # fmt: skip
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     history = ckpt["callbacks"]["RunHistory"]
-    assert [s for s, _ in history["val"]] == [0, 2, 4]
+    assert [s for s, _ in history["val"]] == [0, 2, 4, 6, 8]
     assert history["val"][0][1] == pytest.approx(math.log(50257), abs=0.3)
-    assert [s for s, _ in history["train"]] == [0, 1, 2, 3]
+    # The train loss is read from the device on logging steps only (no sync per step).
+    assert [s for s, _ in history["train"]] == [2, 5]
 
 
 def test_non_finite_loss_stops_with_step(small_dir, tmp_path, monkeypatch):
@@ -127,9 +130,16 @@ def test_non_finite_loss_stops_with_step(small_dir, tmp_path, monkeypatch):
         return logits, loss
 
     monkeypatch.setattr(GPTModule, "forward", poisoned)
-    cfg = tiny_cfg(data, tmp_path / "run", f"data.source={src}", "data.val_fraction=0.1")
-    with pytest.raises(FloatingPointError, match="loss is nan at step 3: .*bf16-mixed.*optim.lr"):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1",
+                   "trainer.log_every_n_steps=2")  # fmt: skip
+    # Checked where the loss is read anyway: on the next logging step (step 3 of 0, 1, 2, 3).
+    with pytest.raises(FloatingPointError, match="train/loss is nan at step 3: .*optim.lr"):
         train(cfg)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+    assert metrics["error"].startswith("FloatingPointError: train/loss is nan at step 3")
+    assert metrics["steps"] == 4  # the poisoned step was taken before the loss was read
 
 
 class Interrupt(L.Callback):
@@ -150,8 +160,27 @@ def test_ctrl_c_leaves_outputs(small_dir, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits with status 1
         train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1"))
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
-    assert json.loads((run / "metrics.json").read_text())["steps"] == 6
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["steps"], metrics["status"]) == (6, "interrupted")
     assert (run / "slm.pt").exists() and (run / "loss.png").exists()
+
+
+def test_failure_before_first_step_writes_no_weights(small_dir, tmp_path, monkeypatch):
+    """A run that crashes at step 0 (as fused AdamW + clipping did on every GPU) leaves
+    metrics.json saying so, and no slm.pt that generate.py would take for a model."""
+    data, src = small_dir
+    run = tmp_path / "run"
+
+    def crash(self, batch, batch_idx):
+        raise RuntimeError("the optimizer does not allow for gradient clipping\nsecond line")
+
+    monkeypatch.setattr(GPTModule, "training_step", crash)
+    with pytest.raises(RuntimeError, match="gradient clipping"):
+        train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["steps"] == 0
+    assert metrics["error"] == "RuntimeError: the optimizer does not allow for gradient clipping"
+    assert not (run / "slm.pt").exists() and not (run / "loss.png").exists()
 
 
 def test_block_size_larger_than_split(small_dir, tmp_path):
@@ -169,7 +198,7 @@ def test_block_size_larger_than_split(small_dir, tmp_path):
         ("model.n_head=3", "not divisible by model.n_head=3"),
         ("optim.lr=-1", "optim.lr=-1 must be positive"),
         ("optim.warmup_steps=41", "warmup_steps=41 exceeds trainer.max_steps=40"),
-        ("trainer.precision=bf16-mixed", "precision bf16-mixed was asked for on cpu"),
+        ("trainer.precision=16-mixed", "precision 16-mixed was asked for on cpu"),
         ("ckpt_path=/nope.ckpt", "ckpt_path=/nope.ckpt: no such checkpoint file"),
     ],
 )

@@ -1,0 +1,80 @@
+"""One place decides the numeric precision, for training, evaluation and generation.
+
+bf16 only where the GPU computes it natively (compute capability >= 8.0: A100, H100, L4, RTX 30xx
+and later); fp16 with loss scaling on older GPUs (T4, V100); fp32 on the CPU. (PyTorch's
+``torch.cuda.is_bf16_supported()`` also says yes on a T4, where bf16 is emulated and slow.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch.utilities import GradClipAlgorithmType
+
+MIXED = ("bf16-mixed", "16-mixed")
+
+
+def default_precision(device: str | torch.device) -> str:
+    """The Lightning precision to train in on ``device``: ``bf16-mixed``, ``16-mixed`` or
+    ``32-true``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16-mixed" if major >= 8 else "16-mixed"
+    return "32-true"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a Lightning precision string; None when it runs without autocast."""
+    if precision == "bf16-mixed":
+        return torch.bfloat16
+    if precision == "16-mixed":
+        return torch.float16
+    return None
+
+
+def inference_autocast(device: str | torch.device):
+    """The autocast context for evaluation and generation on ``device`` (a no-op on the CPU)
+    and the dtype activations (and a KV cache) have under it, or None for the model's own."""
+    device = torch.device(device)
+    dtype = autocast_dtype(default_precision(device))
+    if dtype is None:
+        return contextlib.nullcontext(), None
+    return torch.autocast(device.type, dtype=dtype), dtype
+
+
+class ClippableMixedPrecision(MixedPrecision):
+    """Lightning's mixed-precision plugin, but a fused optimizer may be clipped.
+
+    Lightning refuses to clip gradients for an optimizer that unscales them inside its own step
+    (fused AdamW), even under bf16 where nothing is scaled, because it only unscales for the
+    other optimizers. Here the gradients are always unscaled before the clipping hooks run;
+    ``GradScaler.step`` then hands the fused kernel no scale (the gradients are unscaled
+    already) but still the found-inf flag, so a step with overflowed fp16 gradients is skipped
+    on the GPU, without a host sync."""
+
+    def _after_closure(self, model, optimizer) -> None:
+        if self.scaler is not None and _optimizer_handles_unscaling(optimizer):
+            self.scaler.unscale_(optimizer)  # Lightning unscaled every other optimizer already
+        super()._after_closure(model, optimizer)
+
+    def clip_gradients(
+        self,
+        optimizer,
+        clip_val: float = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        # Skips MixedPrecision's refusal: the gradients were unscaled in _after_closure.
+        Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
+
+
+def trainer_precision(precision: str, accelerator: str) -> dict:
+    """``lightning.Trainer`` keyword arguments for ``precision`` on ``accelerator`` (``cpu``,
+    ``gpu``/``cuda``): the mixed precisions get ``ClippableMixedPrecision`` as a plugin."""
+    if precision not in MIXED:
+        return {"precision": precision}
+    device = "cuda" if accelerator in ("gpu", "cuda") else accelerator
+    return {"plugins": [ClippableMixedPrecision(precision, device)]}
