@@ -8,13 +8,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
+from slm.errors import ConfigError
 from slm.precision import default_precision
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-class ConfigError(ValueError):
-    """An invalid combination of config values; the message names the key and the fix."""
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:

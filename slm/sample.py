@@ -28,15 +28,12 @@ from pathlib import Path
 
 import torch
 
+from slm.errors import CheckpointError, first_line
 from slm.model import GPT, GPTConfig, KVCache
 from slm.precision import inference_autocast
 from slm.tokenizer import EOT_ID
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the one-line message names the file and the fix."""
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -58,13 +55,13 @@ def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     except pickle.UnpicklingError as e:
         # weights_only refuses anything but tensors and primitives; a plain pickle lands here too.
         raise CheckpointError(
-            f"{path}: not loadable with weights_only=True ({_first_line(e)}); "
+            f"{path}: not loadable with weights_only=True ({first_line(e)}); "
             "it holds arbitrary Python objects or is not a PyTorch checkpoint"
         ) from e
     except Exception as e:  # zip, EOF and key errors: what a truncated or foreign file gives
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint, or truncated ({type(e).__name__}: "
-            f"{_first_line(e)}); pass a complete slm.pt or Lightning .ckpt"
+            f"{first_line(e)}); pass a complete slm.pt or Lightning .ckpt"
         ) from e
     if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # slm.pt
         args, state = obj["model_args"], obj["model"]
@@ -172,7 +169,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"device={name}: {_first_line(e)}") from e
+        raise ValueError(f"device={name}: {first_line(e)}") from e
     if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device={name} but there are {torch.cuda.device_count()} CUDA devices")
     return device
@@ -326,10 +323,3 @@ def generate(
     finally:
         model.train(was_training)
     return out
-
-
-def _first_line(e: BaseException, limit: int = 120) -> str:
-    """The first sentence of an exception's message, for a one-line error."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    text = text.split(". ")[0].rstrip(".")
-    return text if len(text) <= limit else text[: limit - 3] + "..."

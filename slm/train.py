@@ -27,10 +27,12 @@ from slm.callbacks import (
     StepProgressBar,
     SyncFreeThroughputMonitor,
 )
-from slm.config import ConfigError, resolve_hardware, validate
+from slm.config import resolve_hardware, validate
 from slm.data import TokenDataModule
+from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.module import GPTModule
 from slm.precision import trainer_precision
+from slm.sweep import FailedJob
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,30 @@ def build_module(cfg: DictConfig) -> GPTModule:
 
 def build_datamodule(cfg: DictConfig) -> TokenDataModule:
     return TokenDataModule(**cfg.data, block_size=cfg.model.block_size, seed=cfg.seed)
+
+
+def main(cfg: DictConfig) -> float:
+    """``train.py``'s task: ``train(cfg)``, with a user's mistake or a divergence reported on
+    one line. In a multirun sweep the job returns a ``FailedJob`` (a NaN that carries the
+    reason) instead of exiting, so the sweep goes on with its other jobs and ``sweep.csv``
+    records this one as FAILED; a sweeper that minimizes (Optuna) sees a NaN, a failed trial."""
+    try:
+        return train(cfg)
+    except (SlmError, FloatingPointError) as e:
+        if not _in_multirun():
+            fail(e, log)
+        log.error("error: %s", one_line(e))
+        return FailedJob(one_line(e))
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not inside a Hydra app
+        return False
 
 
 def train(cfg: DictConfig) -> float:
