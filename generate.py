@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slm import tokenizer
+from slm.errors import one_line
 from slm.sample import check_sampling, generate, load_model, resolve_device
 
 
@@ -42,7 +43,7 @@ def run(cfg: DictConfig) -> int:
         device = validate(cfg)
         model = load_model(cfg.ckpt, device)  # CheckpointError is a ValueError
     except ValueError as e:
-        print(f"error: {e}", file=err)
+        print(f"error: {one_line(e)}", file=err)
         return 1
     # Hydra reads prompt=123 as an int and prompt=null as None.
     prompt = "" if cfg.prompt is None else str(cfg.prompt)

@@ -19,12 +19,13 @@ import torch
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
-from slm.config import ConfigError, compose
+from slm.config import compose
 from slm.data import FixedWindows, load_tokens
+from slm.errors import ConfigError, DataError, run_cli
 from slm.model import GPT
 from slm.precision import inference_autocast
-from slm.prepare import DataError, prepare, read_meta
-from slm.sample import CheckpointError, load_model, resolve_device
+from slm.prepare import prepare, read_meta
+from slm.sample import load_model, resolve_device
 
 
 def bits_per_byte(loss: float, tokens: int, utf8_bytes: int) -> float:
@@ -75,7 +76,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DataError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main, (ValueError,))  # SlmError, and torch's ValueErrors for a bad device

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from slm import tokenizer
+from slm.errors import DataError, describe, run_cli
 
 DEFAULT_SOURCE = "roneneldan/TinyStories"
 SPLITS = ("train", "val")
@@ -41,10 +42,6 @@ SUFFIXES = {".txt", *STRUCTURED}
 VAL_NAME = re.compile(r"(^|[-_.])(val|valid|validation)([-_.]|$)", re.IGNORECASE)
 # The dataset's own text files separate stories by a line holding only <|endoftext|>.
 SEPARATOR = re.compile(r"^[ \t]*<\|endoftext\|>[ \t\r]*\n", re.MULTILINE)
-
-
-class DataError(ValueError):
-    """A bad source, data dir or bin; the message says what is wrong and what to do."""
 
 
 Batches = Iterable[list[str]]  # a split's stories, in batches
@@ -106,12 +103,6 @@ def _dataset_stories(ds, name: str, batch: int) -> Iterator[list[str]]:
     return ([s for s in (t.strip() for t in r["text"] if t) if s] for r in rows)
 
 
-def _first_line(e: BaseException) -> str:
-    """``Type: first line of the message`` of ``e``, or of its cause where it has one."""
-    e = e.__cause__ or e
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-
-
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix not in SUFFIXES:
@@ -149,7 +140,7 @@ def load_source(source: str, batch: int = 1024) -> dict[str, list[Batches]]:
         except Exception as e:
             raise DataError(
                 f"data.source {source}: could not load it from the Hugging Face hub "
-                f"({_first_line(e)}); check the name and your network, or give a local path"
+                f"({describe(e)}); check the name and your network, or give a local path"
             ) from e
         splits: dict[str, list[Batches]] = {"train": [], "val": []}
         for name, ds in dd.items():
@@ -173,7 +164,7 @@ def load_source(source: str, batch: int = 1024) -> dict[str, list[Batches]]:
                 ds = datasets.load_dataset(fmt, data_files=str(f), split="train")
             except Exception as e:
                 raise DataError(
-                    f"data.source {f} could not be read as {fmt} ({_first_line(e)}); check the file"
+                    f"data.source {f} could not be read as {fmt} ({describe(e)}); check the file"
                 ) from e
             splits[split].append(_dataset_stories(ds, str(f), batch))
     if not splits["train"]:
@@ -398,9 +389,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from slm.config import ConfigError
-
-    try:
-        main()
-    except (DataError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

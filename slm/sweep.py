@@ -1,9 +1,12 @@
 """A Hydra callback that collects a multirun sweep into ``<sweep dir>/sweep.csv``: one row per
-job with its overrides and the best ``val/loss`` that ``train(cfg)`` returned."""
+job with its overrides, the best ``val/loss`` that ``train(cfg)`` returned, its status and, for
+a failed job, the one-line reason."""
 
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,15 +16,42 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-FIELDS = ["job", "overrides", "best_val_loss", "status", "dir"]
+from slm.errors import one_line
+
+FIELDS = ["job", "overrides", "best_val_loss", "status", "error", "dir"]
+log = logging.getLogger(__name__)
+
+
+class FailedJob(float):
+    """What a failed job returns in a sweep: NaN to a sweeper (Optuna counts the trial as
+    failed), with the one-line ``reason`` for ``sweep.csv``."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> FailedJob:
+        job = super().__new__(cls, math.nan)
+        job.reason = reason
+        return job
 
 
 class SweepSummary(Callback):
+    def __init__(self) -> None:
+        self.failed: list[int] = []
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hc = config.hydra
         if hc.mode != RunMode.MULTIRUN:
             return
-        ok = job_return.status == JobStatus.COMPLETED
+        value, error = "", ""
+        if job_return.status == JobStatus.COMPLETED:
+            value = job_return.return_value
+            if isinstance(value, FailedJob):
+                value, error = "", value.reason
+        else:  # an exception that train() does not report itself (a bug): Hydra kept it
+            error = one_line(job_return._return_value)
+        status = "FAILED" if error else "COMPLETED"
+        if error:
+            self.failed.append(hc.job.num)
         path = Path(hc.sweep.dir) / "sweep.csv"
         new = not path.exists()
         with open(path, "a", newline="") as f:  # jobs of the basic launcher run one by one
@@ -32,8 +62,14 @@ class SweepSummary(Callback):
                 {
                     "job": hc.job.num,
                     "overrides": " ".join(job_return.overrides or []),
-                    "best_val_loss": job_return.return_value if ok else "",
-                    "status": job_return.status.name,
+                    "best_val_loss": value,
+                    "status": status,
+                    "error": error,
                     "dir": os.path.relpath(hc.runtime.output_dir, hc.sweep.dir),
                 }
             )
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.failed:
+            path = Path(config.hydra.sweep.dir) / "sweep.csv"
+            log.warning("%d job(s) failed (%s): see %s", len(self.failed), self.failed, path)

@@ -31,7 +31,7 @@ def test_two_process_ddp(tmp_path):
         "data.val_fraction=0.1",
         "data.val_windows=8",
         "trainer.max_steps=6",
-        "trainer.val_check_interval=3",
+        "val_every_n_steps=3",
         "optim.warmup_steps=1",
         "trainer.accelerator=cpu",
         "trainer.devices=2",

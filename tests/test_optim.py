@@ -111,7 +111,7 @@ def test_muon_moves_every_hidden_matrix_by_its_orthogonalized_step():
 # -- a real Trainer run ----------------------------------------------------------------------
 
 MODERN = ["experiment=modern", "optim.warmup_steps=2", "trainer.max_steps=8",
-          "trainer.val_check_interval=4", "data.val_windows=8"]  # fmt: skip
+          "val_every_n_steps=4", "data.val_windows=8"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

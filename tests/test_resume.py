@@ -44,7 +44,7 @@ class StopAt(L.Callback):
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch):
     data_dir, source = data
-    args = [source, "data.val_fraction=0.1", "trainer.max_steps=8", "trainer.val_check_interval=4",
+    args = [source, "data.val_fraction=0.1", "trainer.max_steps=8", "val_every_n_steps=4",
             "optim.warmup_steps=2", "data.val_windows=8", "data.num_workers=2",
             "trainer.log_every_n_steps=1"]  # fmt: skip
     train(tiny_cfg(data_dir, tmp_path / "a", *args))
@@ -90,7 +90,7 @@ def test_sigkill_resumes_from_last_checkpoint(data, tmp_path):
     args = [
         source,
         "data.val_fraction=0.1",
-        "trainer.val_check_interval=2",
+        "val_every_n_steps=2",
         "data.val_windows=4",
         "optim.warmup_steps=2",
         "trainer.log_every_n_steps=1",

@@ -27,7 +27,7 @@ def test_multirun_two_jobs_and_summary(tmp_path):
         f"data.dir={tmp_path / 'data'}",
         "data.val_fraction=0.1",
         "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
+        "val_every_n_steps=2",
         "optim.warmup_steps=1",
         "optim.lr=1e-3,3e-3",
         f"hydra.sweep.dir={sweep}",
