@@ -42,6 +42,7 @@ def run(cfg: DictConfig) -> int:
     try:
         device = validate(cfg)
         model = load_model(cfg.ckpt, device)  # CheckpointError is a ValueError
+        enc = tokenizer.get_encoding()  # an SlmError offline without the BPE files
     except ValueError as e:
         print(f"error: {one_line(e)}", file=err)
         return 1
@@ -52,7 +53,6 @@ def run(cfg: DictConfig) -> int:
     if cfg.seed is not None:
         generator = torch.Generator(device).manual_seed(cfg.seed)
 
-    enc = tokenizer.get_encoding()
     # A token can end inside a multi-byte character: decode bytes incrementally.
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
