@@ -38,7 +38,7 @@ def test_model_shapes(model, shape):
 
 def test_defaults():
     cfg = compose("train")
-    assert cfg.data.source == "roneneldan/TinyStories"
+    assert cfg.data.source is None  # what data.dir holds, else roneneldan/TinyStories
     assert list(cfg.optim.betas) == [0.9, 0.95]
     assert cfg.optim.weight_decay == 0.1 and cfg.trainer.gradient_clip_val == 1.0
     assert cfg.hardware.precision == "auto"
