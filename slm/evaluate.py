@@ -41,14 +41,16 @@ def bits_per_byte(loss: float, tokens: int, utf8_bytes: int) -> float:
 
 
 @torch.inference_mode()
-def score(model: GPT, path: str | Path, tokens: int, utf8_bytes: int, batch_size: int) -> dict:
+def score(
+    model: GPT, path: str | Path, tokens: int, utf8_bytes: int, batch_size: int, name: str
+) -> dict:
     """Token-weighted mean loss of ``model`` over the ``tokens`` uint16 tokens in ``path``
-    (the encoding of ``utf8_bytes`` bytes of text)."""
+    (the encoding of ``utf8_bytes`` bytes of text; ``name`` names it in errors)."""
     device = next(model.parameters()).device
     T = model.config.block_size
     if T >= tokens:
         raise DataError(
-            f"block_size={T} is not smaller than the {tokens:,} tokens of {path}; "
+            f"the model's block_size={T} is not smaller than the {tokens:,} tokens of {name}; "
             "evaluate on more text"
         )
     windows = FixedWindows(path, tokens, T, "all")
@@ -73,7 +75,8 @@ def evaluate(model: GPT, data_dir: str | Path, batch_size: int = 32) -> dict:
     """``score`` over all of ``data_dir``/val.bin."""
     n = len(load_tokens(data_dir, "val"))  # checked against meta.json
     val = read_meta(data_dir)["splits"]["val"]
-    return score(model, Path(data_dir) / "val.bin", n, val["bytes"], batch_size)
+    path = Path(data_dir) / "val.bin"
+    return score(model, path, n, val["bytes"], batch_size, str(path))
 
 
 def evaluate_text(model: GPT, source: str, batch_size: int = 32) -> dict:
@@ -85,7 +88,7 @@ def evaluate_text(model: GPT, source: str, batch_size: int = 32) -> dict:
             stats = tokenize(source, path)
         except DataError as e:  # load_source names the key it knows, data.source
             raise DataError(str(e).replace("data.source", "text", 1)) from e
-        return score(model, path, stats["tokens"], stats["bytes"], batch_size)
+        return score(model, path, stats["tokens"], stats["bytes"], batch_size, f"text={source}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -115,7 +115,7 @@ def test_text_errors_name_the_text_key(setup, tmp_path):
         main([f"ckpt={d / 'slm.pt'}", "text=/no/such.txt", "device=cpu"])
     few = tmp_path / "few.txt"
     few.write_text("Hi.\n<|endoftext|>\n")
-    with pytest.raises(DataError, match=r"block_size=32 is not smaller than the 3 tokens"):
+    with pytest.raises(DataError, match=r"block_size=32 is not smaller than the 3 tokens of text="):
         main([f"ckpt={d / 'slm.pt'}", f"text={few}", "device=cpu"])
 
 
