@@ -49,14 +49,14 @@ part() { # name log command...: run, keep the log, print PASS/FAIL
 }
 
 common=(data.source="$src" data.dir="$out/data" data.val_windows=50
-        trainer.val_check_interval=100 optim.warmup_steps=$((STEPS / 10)) +trainer.enable_progress_bar=false)
+        val_every_n_steps=100 optim.warmup_steps=$((STEPS / 10)) +trainer.enable_progress_bar=false)
 part "main job: model=$MODEL hardware=$HW, $STEPS steps" main.log \
     $PY train.py model="$MODEL" hardware="$HW" trainer.max_steps="$STEPS" "${common[@]}" \
     hydra.run.dir="$out/main"
 if [ "$FP16_STEPS" -gt 0 ]; then
     part "fp16 profile: model=$MODEL hardware=t4, $FP16_STEPS steps" fp16.log \
         $PY train.py model="$MODEL" hardware=t4 trainer.max_steps="$FP16_STEPS" "${common[@]}" \
-        trainer.val_check_interval=50 hydra.run.dir="$out/fp16"
+        val_every_n_steps=50 hydra.run.dir="$out/fp16"
 fi
 part "generate.py on the main job's slm.pt" generate.log \
     $PY generate.py ckpt="$out/main/slm.pt" num_samples=2 max_new_tokens=100

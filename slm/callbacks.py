@@ -1,7 +1,7 @@
 """Callbacks that Lightning does not ship: the run's loss history (kept in the checkpoint, so a
 resumed run's ``loss.png`` and ``metrics.json`` count the whole run), a throughput monitor
-without a sync per batch, a progress bar that shows the optimizer step, ``last.ckpt`` on
-Ctrl-C, and sample stories in TensorBoard.
+without a sync per batch, a progress bar that shows the optimizer step, a clean stop with
+``last.ckpt`` on Ctrl-C, and sample stories in TensorBoard.
 
 Nothing here reads a GPU value (``.item()``, ``float(tensor)``) on every batch: that waits for
 the GPU and stalls the CPU that should be queueing the next kernels. Values are read on logging
@@ -11,6 +11,9 @@ steps only (``trainer.log_every_n_steps``).
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 
 import lightning as L
@@ -63,7 +66,10 @@ class RunHistory(L.Callback):
         if loss is None:
             return
         loss = float(loss)
-        if not math.isfinite(loss):
+        diverged = not math.isfinite(loss)
+        if trainer.world_size > 1:  # every rank stops together: none waits in a collective
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
             raise FloatingPointError(
                 f"train/loss is {loss} at step {self._step}: training diverged; "
                 "lower optim.lr or raise optim.warmup_steps"
@@ -96,6 +102,17 @@ class RunHistory(L.Callback):
         self.tokens, self.seconds = state["tokens"], state["seconds"]
 
 
+class ValidateAtEnd(L.Callback):
+    """A validation (and so ``last.ckpt`` and the final point of the curve) at
+    ``trainer.max_steps``, also when it is no multiple of ``val_every_n_steps``: Lightning
+    validates a stream without end only every ``val_check_interval`` batches, or when asked
+    to stop."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.fit_loop._should_accumulate() and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
 class SyncFreeThroughputMonitor(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` (tokens/s, MFU), without its
     ``torch.cuda.synchronize()`` after every batch: batches, samples and tokens are counted on
@@ -121,20 +138,66 @@ class StepProgressBar(TQDMProgressBar):
         return {"step": trainer.global_step, **super().get_metrics(trainer, pl_module)}
 
 
-class LastOnException(L.Callback):
-    """Ctrl-C or a crash still leaves ``last.ckpt`` for what was done. (Lightning's
-    ``OnExceptionCheckpoint`` deletes its file at teardown, and ``ModelCheckpoint``'s
-    ``save_on_exception`` names the file like a best checkpoint.)"""
+class StopOnSignal(L.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption): finish the optimizer step under
+    way, write ``last.ckpt`` there, and stop; a second signal stops at once (Lightning's own
+    handling), leaving the ``last.ckpt`` of the last validation.
+
+    Why not save where the signal lands: a checkpoint taken inside a step (or between the
+    micro-batches of an accumulated step) does not say which micro-batches the optimizer has
+    seen, and the resumed run drifted one micro-batch ahead. Saved at an optimizer-step
+    boundary, in ``on_train_batch_end`` (where Lightning's own step checkpoints are taken),
+    the resumed run is the uninterrupted one. A crash (an exception) saves nothing: the last
+    validation's ``last.ckpt`` is the state to go back to. With several processes the stop is
+    agreed on logging steps (a signal may reach the ranks at different steps); a crash on one
+    rank never waits on the others."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.requested: int | None = None
+        self._previous: dict = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.requested = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested is not None:  # the second one: stop now
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this optimizer step "
+            "(again to stop at once)",
+            file=sys.stderr,
+        )
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop._should_accumulate():
+            return
+        stop = self.requested is not None
+        if trainer.world_size > 1:
+            if not trainer._logger_connector.should_update_logs:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer.save_checkpoint(self.path)
+            self._restore()
+            raise KeyboardInterrupt  # Lightning's graceful shutdown; metrics say "interrupted"
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        # After a divergence the weights are not worth resuming from: keep the last.ckpt of
-        # the last validation.
-        diverged = isinstance(exception, FloatingPointError)
-        if not trainer.sanity_checking and trainer.global_step > 0 and not diverged:
-            trainer.save_checkpoint(self.path)
+        self._restore()
 
 
 class SampleStories(L.Callback):

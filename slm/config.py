@@ -118,19 +118,40 @@ def _choice(group: str) -> str:
         return "?"
 
 
+def _is_number(x, integer: bool = False) -> bool:
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, int) if integer else isinstance(x, (int, float))
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise ``ConfigError`` on the first invalid combination of values."""
+    """Raise ``ConfigError`` on the first invalid value or combination of values; fill
+    ``optim.warmup_steps=auto`` (``min(200, max_steps // 10)``: short runs warm up too)."""
     m, o, t = cfg.model, cfg.optim, cfg.trainer
     for key in ("n_layer", "n_head", "n_embd", "block_size"):
-        if not isinstance(m[key], int) or m[key] < 1:
+        if not _is_number(m[key], integer=True) or m[key] < 1:
             raise ConfigError(f"model.{key}={m[key]} must be a positive integer")
     if m.n_embd % m.n_head != 0:
         raise ConfigError(
             f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
             "pick n_embd as a multiple of n_head"
         )
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if not _is_number(m.dropout) or not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout={m.dropout} must be a number in [0, 1)")
+    for key in ("lr", "min_lr", "weight_decay"):
+        if not _is_number(o[key]):
+            raise ConfigError(f"optim.{key}={o[key]} must be a number (e.g. optim.{key}=3e-4)")
+    for key in ("max_steps", "accumulate_grad_batches"):
+        if not _is_number(t[key], integer=True) or t[key] < 1:
+            raise ConfigError(f"trainer.{key}={t[key]} must be a positive integer")
+    for key in ("val_every_n_steps", "seed"):
+        if not _is_number(cfg[key], integer=True) or cfg[key] < (0 if key == "seed" else 1):
+            raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
+    if o.warmup_steps == "auto":
+        with open_dict(cfg):
+            o.warmup_steps = min(200, t.max_steps // 10)
+    if not _is_number(o.warmup_steps, integer=True) or o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be auto or an integer >= 0")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be positive")
     if o.min_lr < 0:
@@ -140,19 +161,13 @@ def validate(cfg: DictConfig) -> None:
             f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule would rise "
             "instead of decay; set min_lr <= lr"
         )
-    if o.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must not be negative")
-    if t.max_steps is None or t.max_steps < 1:
-        raise ConfigError(
-            f"trainer.max_steps={t.max_steps} must be a positive number of optimizer steps"
-        )
     if o.warmup_steps > t.max_steps:
         raise ConfigError(
             f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}; "
             "lower the warmup or train longer"
         )
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
+    if not _is_number(cfg.data.batch_size, integer=True) or cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a positive integer")
     vw = cfg.data.val_windows
-    if not (vw == "all" or (isinstance(vw, int) and vw >= 1)):
+    if not (vw == "all" or (_is_number(vw, integer=True) and vw >= 1)):
         raise ConfigError(f"data.val_windows={vw} must be a positive integer or 'all'")

@@ -101,15 +101,34 @@ class RandomWindows(IterableDataset):
 
 class FixedWindows(Dataset):
     """A fixed list of windows: ``n`` evenly spaced over the split, or ``"all"``
-    non-overlapping windows covering it."""
+    non-overlapping windows covering it; with ``world_size`` > 1, rank ``rank``'s share.
 
-    def __init__(self, path: str | Path, n_tokens: int, block_size: int, n: int | str) -> None:
+    The windows are dealt out to the ranks (``rank``, ``rank + world_size``, ...) without
+    padding, so each window counts once in the all-gathered val loss however many ranks there
+    are. (Lightning's ``DistributedSampler`` pads the last ranks with repeated windows when
+    the world size does not divide their number.)"""
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_tokens: int,
+        block_size: int,
+        n: int | str,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.path, self.block_size = str(path), block_size
         last = n_tokens - block_size - 1  # the last valid start
         if n == "all":
-            self.starts = np.arange(0, last + 1, block_size)
+            starts = np.arange(0, last + 1, block_size)
         else:
-            self.starts = np.unique(np.linspace(0, last, num=int(n)).round().astype(np.int64))
+            starts = np.unique(np.linspace(0, last, num=int(n)).round().astype(np.int64))
+        if len(starts) < world_size:
+            raise DataError(
+                f"{len(starts)} val windows cannot be shared by {world_size} processes; "
+                f"raise data.val_windows to at least {world_size}"
+            )
+        self.starts = starts[rank::world_size]
         self._tokens = None
 
     def __len__(self) -> int:
@@ -174,16 +193,20 @@ class TokenDataModule(L.LightningDataModule):
         trainer, rank, start = self.trainer, 0, 0
         if trainer is not None:
             rank = trainer.global_rank
-            # On resume the loops are restored before this is called: continue the stream
-            # at the first micro-batch the interrupted run had not trained on.
-            start = trainer.global_step * trainer.accumulate_grad_batches
+            # On resume Lightning restores its loops before this is called: continue the
+            # stream at the first micro-batch the interrupted run had not trained on.
+            start = trainer.fit_loop.epoch_loop.batch_progress.total.processed
         stream = RandomWindows(
             self.dir / "train.bin", self.block_size, self.batch_size, self.seed, rank, start
         )
         return self._loader(stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
         windows = FixedWindows(
-            self.dir / "val.bin", self.n_tokens["val"], self.block_size, self.val_windows
-        )
+            self.dir / "val.bin", self.n_tokens["val"], self.block_size, self.val_windows,
+            rank, world,
+        )  # fmt: skip
         return self._loader(windows, batch_size=self.batch_size, shuffle=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import lightning as L
@@ -9,6 +10,8 @@ import torch
 from lightning.fabric.utilities.throughput import measure_flops
 
 from slm.model import GPT, GPTConfig
+
+log = logging.getLogger(__name__)
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -88,18 +91,30 @@ class GPTModule(L.LightningModule):
         self._val_sum.append(torch.stack([loss.float() * n, n]))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_sum:
-            return
-        total = torch.stack(self._val_sum).sum(0)
+        # Every rank takes part in the all_gather, also one whose share of windows is empty.
+        total = torch.stack(self._val_sum).sum(0) if self._val_sum else self._zero_sum()
         total = self.all_gather(total).reshape(-1, 2).sum(0)  # every rank's windows
         loss = total[0] / total[1]
         self.last_val_loss = float(loss)  # also seen during the sanity check, when logs are not
-        # sync_dist: the value is already global; it keeps Lightning's DDP logging consistent.
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        metrics = {"val/loss": self.last_val_loss, "val/ppl": math.exp(self.last_val_loss)}
         if self.val_tokens_per_byte:
-            bpb = loss * self.val_tokens_per_byte / math.log(2)
-            self.log("val/bpb", bpb, sync_dist=True)
+            metrics["val/bpb"] = self.last_val_loss * self.val_tokens_per_byte / math.log(2)
+        # For ModelCheckpoint and the progress bar (the value is already global).
+        self.log("val/loss", loss, prog_bar=True, logger=False, sync_dist=True)
+        trainer = self.trainer
+        first = trainer.sanity_checking and trainer.global_step == 0  # the curve's start
+        if trainer.is_global_zero and (first or not trainer.sanity_checking):
+            # At the optimizer step the weights are from: Lightning's own logging would put
+            # it one step earlier (it counts the step after validation) and skip step 0.
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            log.info(
+                "step %d: %s", trainer.global_step,
+                ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            )  # fmt: skip
+
+    def _zero_sum(self) -> torch.Tensor:
+        return torch.zeros(2, device=self.device)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

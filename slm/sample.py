@@ -1,5 +1,5 @@
-"""Story generation from a trained GPT: checkpoint loading, logit filtering and a batched
-sampler with a key/value cache.
+"""Story generation from a trained GPT: logit filtering and a batched sampler with a key/value
+cache (checkpoints load through ``slm.checkpoint``).
 
     model = load_model("outputs/run/slm.pt")
     [ids] = generate(model, tokenizer.encode("Once upon a time"), 200, temperature=0.8,
@@ -20,103 +20,18 @@ costs one refill per ``block_size // 2`` tokens, at the price of a context that 
 
 from __future__ import annotations
 
-import dataclasses
-import pickle
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-from slm.errors import CheckpointError, first_line
-from slm.model import GPT, GPTConfig, KVCache
+from slm.checkpoint import load_checkpoint, load_model  # noqa: F401  (the public API here)
+from slm.errors import first_line
+from slm.model import GPT, KVCache
 from slm.precision import inference_autocast
 from slm.tokenizer import EOT_ID
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-# -- loading ---------------------------------------------------------------------------------
-
-
-def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """The model config and GPT state dict stored in an ``slm.pt`` or a Lightning ``.ckpt``.
-
-    Only tensors and primitives are unpickled (``weights_only=True``)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file; pass ckpt= a slm.pt or a Lightning .ckpt")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass the slm.pt or a .ckpt file in it")
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses anything but tensors and primitives; a plain pickle lands here too.
-        raise CheckpointError(
-            f"{path}: not loadable with weights_only=True ({first_line(e)}); "
-            "it holds arbitrary Python objects or is not a PyTorch checkpoint"
-        ) from e
-    except Exception as e:  # zip, EOF and key errors: what a truncated or foreign file gives
-        raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint, or truncated ({type(e).__name__}: "
-            f"{first_line(e)}); pass a complete slm.pt or Lightning .ckpt"
-        ) from e
-    if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # slm.pt
-        args, state = obj["model_args"], obj["model"]
-    elif isinstance(obj, dict) and "hyper_parameters" in obj and "state_dict" in obj:  # Lightning
-        args = obj["hyper_parameters"]
-        state = {
-            k.removeprefix("model."): v
-            for k, v in obj["state_dict"].items()
-            if k.startswith("model.")
-        }
-    else:
-        keys = sorted(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(
-            f"{path}: no model config inside (found {keys}); expected a slm.pt ('model_args', "
-            "'model') or a Lightning .ckpt ('hyper_parameters', 'state_dict')"
-        )
-    if not isinstance(args, dict) or not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{path}: the model config or weights inside are empty or malformed")
-    # A compiled model's state dict carries the wrapper's prefix.
-    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if k not in args]
-    if missing:
-        raise CheckpointError(f"{path}: the stored model config lacks {', '.join(missing)}")
-    try:
-        config = GPTConfig(**{k: v for k, v in args.items() if k in fields})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid stored model config: {e}") from e
-    return config, state
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """The GPT in ``path`` (``slm.pt`` or Lightning ``.ckpt``), on ``device``, in eval mode.
-
-    Raises ``CheckpointError`` (one line) for a missing, foreign, truncated or inconsistent
-    file: the weights must have exactly the keys and shapes of the stored config."""
-    config, state = load_checkpoint(path)
-    model = GPT(config)
-    expected = model.state_dict()
-    wrong = [
-        f"{k} has shape {tuple(state[k].shape)}, the config needs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    wrong += [f"{k} is missing" for k in expected if k not in state]
-    wrong += [f"{k} is unexpected" for k in state if k not in expected]
-    if wrong:
-        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        shape = ", ".join(f"{k}={getattr(config, k)}" for k in ("n_layer", "n_head", "n_embd"))
-        raise CheckpointError(
-            f"{path}: weights do not match the stored config ({shape}, "
-            f"block_size={config.block_size}): {wrong[0]}{more}"
-        )
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
 
 
 # -- arguments -------------------------------------------------------------------------------

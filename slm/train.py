@@ -7,10 +7,14 @@ composed config. Fills the run directory with TensorBoard logs (``tb/``), ``chec
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -21,12 +25,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from slm.callbacks import (
-    LastOnException,
     RunHistory,
     SampleStories,
     StepProgressBar,
+    StopOnSignal,
     SyncFreeThroughputMonitor,
+    ValidateAtEnd,
 )
+from slm.checkpoint import check_resume
 from slm.config import resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
@@ -35,6 +41,8 @@ from slm.precision import trainer_precision
 from slm.sweep import FailedJob
 
 log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TRAINER_ARGS = set(inspect.signature(L.Trainer.__init__).parameters)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -49,23 +57,17 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path("outputs", time.strftime("%Y-%m-%d/%H-%M-%S")).resolve()
 
 
-def find_last_checkpoint(run_dir: Path) -> Path:
-    """The newest ``last.ckpt`` of the run dir or, for a fresh Hydra dir, of its outputs root."""
-    for root in (run_dir, run_dir.parent.parent):
-        found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if found:
-            return found[-1]
-    raise ConfigError(
-        f"ckpt_path=last: no checkpoints/last.ckpt under {run_dir} or {run_dir.parent.parent}; "
-        "give the checkpoint's path"
-    )
-
-
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if not ckpt_path:
         return None
-    if ckpt_path == "last":
-        return str(find_last_checkpoint(run_dir))
+    if ckpt_path == "last":  # this run's own: another run's (or sweep job's) is never taken
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(
+                f"ckpt_path=last: there is no {last}; resume in the run's own directory "
+                "(hydra.run.dir=outputs/DATE/TIME ckpt_path=last) or give ckpt_path=PATH"
+            )
+        return str(last)
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
@@ -119,8 +121,17 @@ def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
     cfg = resolve_hardware(cfg)
     validate(cfg)
+    check_trainer_args(dict(cfg.trainer))
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    if ckpt_path:
+        schedule = {k: cfg.optim[k] for k in ("lr", "min_lr", "warmup_steps")}
+        check_resume(
+            ckpt_path,
+            model=dict(cfg.model),
+            schedule={**schedule, "max_steps": cfg.trainer.max_steps},
+            allow_schedule_change=cfg.get("allow_schedule_change", False),
+        )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
@@ -148,7 +159,7 @@ def train(cfg: DictConfig) -> float:
     callbacks = [
         best,
         last,
-        LastOnException(str(ckpt_dir / "last.ckpt")),
+        ValidateAtEnd(),  # first: the hooks after it see the last step as a logging step
         LearningRateMonitor(logging_interval="step"),
         # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
         # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
@@ -157,9 +168,12 @@ def train(cfg: DictConfig) -> float:
             batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(), window_size=3
         ),  # fmt: skip
         history,
+        StopOnSignal(str(ckpt_dir / "last.ckpt")),  # after history: its tokens are counted
         SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens),
     ]
     trainer_args = dict(cfg.trainer)
+    # Validation every val_every_n_steps optimizer steps (Lightning counts micro-batches).
+    trainer_args["val_check_interval"] = cfg.val_every_n_steps * cfg.trainer.accumulate_grad_batches
     if trainer_args.get("enable_progress_bar", True):
         # The bar reads the logged loss from the GPU when it refreshes: on logging steps only.
         every = max(1, trainer_args["log_every_n_steps"]) * trainer_args["accumulate_grad_batches"]
@@ -171,6 +185,7 @@ def train(cfg: DictConfig) -> float:
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         num_sanity_val_steps=-1,  # a full validation before step 0: the curve's start
+        use_distributed_sampler=False,  # each rank takes its own share (TokenDataModule)
     )
     error: BaseException | None = None
     try:
@@ -180,9 +195,35 @@ def train(cfg: DictConfig) -> float:
         raise
     finally:
         if trainer.is_global_zero:
-            write_outputs(run_dir, module, best, history, trainer, error)
+            with deferred_signals():  # a Ctrl-C now must not leave slm.pt without metrics
+                write_outputs(run_dir, module, best, history, trainer, error)
     score = best.best_model_score
     return float(score) if score is not None else math.nan
+
+
+# Set by train() itself: a trainer.* override of one of these is a mistake.
+OWN_TRAINER_ARGS = (
+    "logger", "callbacks", "default_root_dir", "num_sanity_val_steps",
+    "use_distributed_sampler", "plugins", "val_check_interval",
+)  # fmt: skip
+
+
+def check_trainer_args(args: dict) -> None:
+    """One line for a ``trainer.*`` key that ``lightning.Trainer`` does not take, or that
+    ``train()`` sets itself (instead of Lightning's TypeError traceback)."""
+    for key in args:
+        if key == "val_check_interval":
+            raise ConfigError(
+                "trainer.val_check_interval is set from val_every_n_steps (in optimizer steps); "
+                "use val_every_n_steps"
+            )
+        if key in OWN_TRAINER_ARGS:
+            raise ConfigError(f"trainer.{key} is set by slm's train() and cannot be overridden")
+        if key not in TRAINER_ARGS:
+            raise ConfigError(
+                f"trainer.{key} is not a lightning.Trainer argument; check the spelling "
+                "(python train.py --cfg job lists the config)"
+            )
 
 
 def run_status(error: BaseException | None) -> tuple[str, str | None]:
@@ -223,11 +264,13 @@ def write_outputs(
         plot_losses(history, run_dir / "loss.png")
     vals = [v for _, v in history.val]
     seconds = history.wall_seconds
+    # After an interruption the last validation can be older than the weights: say which.
     metrics = {
         "status": status,
         **({"error": reason} if reason else {}),
         "best_val_loss": min(vals) if vals else None,
         "final_val_loss": vals[-1] if vals else None,
+        "final_val_step": history.val[-1][0] if vals else None,
         "steps": steps,
         "tokens_seen": history.tokens,
         "wall_seconds": round(seconds, 3),
@@ -237,6 +280,23 @@ def write_outputs(
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, run_dir / "metrics.json")
     log.info("wrote %s/{slm.pt,loss.png,metrics.json}: %s", run_dir, metrics)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold SIGINT and SIGTERM until the block is done, then act on them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {s: signal.signal(s, lambda n, f: received.append(n)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:
+            raise KeyboardInterrupt
 
 
 def save_atomic(obj, path: Path) -> None:

@@ -4,6 +4,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, Dataset
 
 from slm.module import GPTModule, lr_at
@@ -92,18 +93,37 @@ def test_fused_adamw_only_on_cuda_and_decay_groups(tmp_path):
 
 def test_val_loss_is_token_weighted_mean_and_ppl(tmp_path):
     module = GPTModule(n_layer=1, n_head=1, n_embd=8, block_size=8, max_steps=10)
+    logger = Recorder()
     trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+        accelerator="cpu", logger=logger, enable_progress_bar=False, default_root_dir=tmp_path,
         enable_model_summary=False,
     )  # fmt: skip
     data = RandomTokens()
     loader = DataLoader(torch.utils.data.Subset(data, range(5)), batch_size=2)  # 2, 2, 1
-    out = trainer.validate(module, loader, verbose=False)[0]
+    trainer.validate(module, loader, verbose=False)
     with torch.no_grad():
         losses = [module(x[None], y[None])[1] for x, y in (data[i] for i in range(5))]
     expected = torch.stack(losses).mean().item()  # every window has the same token count
-    assert out["val/loss"] == pytest.approx(expected, rel=1e-5)
-    assert out["val/ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert trainer.callback_metrics["val/loss"].item() == pytest.approx(expected, rel=1e-5)
+    [(metrics, step)] = logger.logged
+    assert step == 0  # the optimizer step the weights are from
+    assert metrics["val/loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["val/ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+class Recorder(Logger):
+    def __init__(self):
+        super().__init__()
+        self.logged = []
+
+    name = "recorder"
+    version = 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((metrics, step))
 
 
 def test_checkpoint_hparams_are_primitives(tmp_path):

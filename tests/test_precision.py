@@ -61,7 +61,7 @@ def test_fused_adamw_with_clipping_trains(prepared, tmp_path, prec):
     data, source = prepared
     run = tmp_path / "run"
     cfg = tiny_cfg(data, run, source, "data.val_fraction=0.1", "trainer.max_steps=6",
-                   "trainer.val_check_interval=3", "optim.warmup_steps=1",
+                   "val_every_n_steps=3", "optim.warmup_steps=1",
                    f"trainer.precision={prec}", "optim.fused=true")  # fmt: skip
     assert cfg.trainer.gradient_clip_val == 1.0
     train(cfg)

@@ -1,7 +1,12 @@
 """End-to-end: train(cfg) on CPU with model=tiny fills its run directory."""
 
 import json
+import logging
 import math
+import os
+import re
+import signal
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,6 +19,8 @@ from slm.module import GPTModule
 from slm.prepare import DataError, prepare
 from slm.train import train
 
+REPO = Path(__file__).resolve().parents[1]
+
 # model=tiny on CPU, small batches: a step takes ~0.1 s.
 TINY_ARGS = [
     "model=tiny",
@@ -22,7 +29,7 @@ TINY_ARGS = [
     "data.batch_size=8",
     "data.val_windows=16",
     "trainer.max_steps=40",
-    "trainer.val_check_interval=20",
+    "val_every_n_steps=20",
     "optim.warmup_steps=5",
     "optim.lr=3e-3",
     "+trainer.enable_progress_bar=false",
@@ -57,16 +64,18 @@ def small_dir(tmp_path_factory):
     return d / "data", str(src)
 
 
-def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path):
+def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="slm")
     run = tmp_path / "run"
     cfg = tiny_cfg(v1_dir, run, f"data.source={v1_txt}", "data.val_fraction=0.02")
     best = train(cfg)
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {
-        "status", "best_val_loss", "final_val_loss", "steps", "tokens_seen", "wall_seconds",
-        "tokens_per_second",
+        "status", "best_val_loss", "final_val_loss", "final_val_step", "steps", "tokens_seen",
+        "wall_seconds", "tokens_per_second",
     }  # fmt: skip
+    assert metrics["final_val_step"] == 40
     assert metrics["status"] == "completed"
     assert metrics["steps"] == 40
     assert metrics["tokens_seen"] == 40 * 8 * 64
@@ -86,6 +95,12 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path):
     story = samples[-1].tensor_proto.string_val[0].decode()
     assert story.startswith("Once upon a time") and len(story) > len("Once upon a time")
     val = [e.value for e in acc.Scalars("val/loss")]
+    # At the steps of the checkpoints and loss.png, from the step-0 validation on.
+    assert [e.step for e in acc.Scalars("val/loss")] == [0, 20, 40]
+    assert [e.step for e in acc.Scalars("val/bpb")] == [0, 20, 40]
+    # The validation history reaches the run's log (train.log under Hydra) too.
+    assert re.search(r"step 0: val/loss 10\.\d+", caplog.text)
+    assert re.search(r"step 40: val/loss \d+\.\d+, val/ppl", caplog.text)
     assert val[-1] == pytest.approx(metrics["final_val_loss"], rel=1e-5)
 
     # Checkpoints: best by val/loss and last, both loadable without Hydra.
@@ -108,15 +123,17 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path):
 def test_run_history_starts_with_step0_val(small_dir, tmp_path):
     data, src = small_dir
     run = tmp_path / "run"
-    train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=8",
-                   "trainer.val_check_interval=2", "optim.warmup_steps=1",
+    train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=7",
+                   "val_every_n_steps=2", "optim.warmup_steps=1",
                    "trainer.log_every_n_steps=3"))  # fmt: skip
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 7
     history = ckpt["callbacks"]["RunHistory"]
-    assert [s for s, _ in history["val"]] == [0, 2, 4, 6, 8]
+    # From step 0, and at the last step too, though 7 is no multiple of val_every_n_steps.
+    assert [s for s, _ in history["val"]] == [0, 2, 4, 6, 7]
     assert history["val"][0][1] == pytest.approx(math.log(50257), abs=0.3)
     # The train loss is read from the device on logging steps only (no sync per step).
-    assert [s for s, _ in history["train"]] == [2, 5]
+    assert [s for s, _ in history["train"]] == [2, 5, 6]
 
 
 def test_non_finite_loss_stops_with_step(small_dir, tmp_path, monkeypatch):
@@ -142,26 +159,30 @@ def test_non_finite_loss_stops_with_step(small_dir, tmp_path, monkeypatch):
     assert metrics["steps"] == 4  # the poisoned step was taken before the loss was read
 
 
-class Interrupt(L.Callback):
-    def on_train_batch_end(self, trainer, *args):
+class CtrlC(L.Callback):
+    """A real SIGINT to this process while step 7 is under way."""
+
+    def on_train_batch_start(self, trainer, *args):
         if trainer.global_step == 6:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_ctrl_c_leaves_outputs(small_dir, tmp_path, monkeypatch):
+def test_ctrl_c_finishes_the_step_and_leaves_outputs(small_dir, tmp_path, monkeypatch):
     data, src = small_dir
     run = tmp_path / "run"
     real_init = L.Trainer.__init__
 
     def init(self, *args, callbacks=(), **kwargs):
-        real_init(self, *args, callbacks=[*callbacks, Interrupt()], **kwargs)
+        real_init(self, *args, callbacks=[*callbacks, CtrlC()], **kwargs)
 
     monkeypatch.setattr(L.Trainer, "__init__", init)
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits with status 1
         train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1"))
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
     metrics = json.loads((run / "metrics.json").read_text())
-    assert (metrics["steps"], metrics["status"]) == (6, "interrupted")
+    assert (metrics["steps"], metrics["status"]) == (7, "interrupted")
+    assert (metrics["final_val_step"], metrics["tokens_seen"]) == (0, 7 * 8 * 64)
     assert (run / "slm.pt").exists() and (run / "loss.png").exists()
 
 
@@ -200,6 +221,12 @@ def test_block_size_larger_than_split(small_dir, tmp_path):
         ("optim.warmup_steps=41", "warmup_steps=41 exceeds trainer.max_steps=40"),
         ("trainer.precision=16-mixed", "precision 16-mixed was asked for on cpu"),
         ("ckpt_path=/nope.ckpt", "ckpt_path=/nope.ckpt: no such checkpoint file"),
+        ("ckpt_path=last", "ckpt_path=last: there is no .*/run/checkpoints/last.ckpt"),
+        ("optim.lr=abc", "optim.lr=abc must be a number"),
+        ("+trainer.bogus=1", "trainer.bogus is not a lightning.Trainer argument"),
+        ("+trainer.val_check_interval=5", "use val_every_n_steps"),
+        ("+trainer.logger=false", "trainer.logger is set by slm's train"),
+        ("val_every_n_steps=0", "val_every_n_steps=0 must be a positive integer"),
     ],
 )
 def test_invalid_config_fails_before_training(override, message, tmp_path):
@@ -221,8 +248,39 @@ def test_last_ckpt_follows_training_when_val_gets_worse(small_dir, tmp_path, mon
     monkeypatch.setattr(GPTModule, "validation_step", worse_each_time)
     run = tmp_path / "run"
     train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=6",
-                   "trainer.val_check_interval=2", "optim.warmup_steps=1"))  # fmt: skip
+                   "val_every_n_steps=2", "optim.warmup_steps=1"))  # fmt: skip
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["best-step2.ckpt", "last.ckpt"]
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
     assert torch.load(run / "slm.pt", weights_only=True)["step"] == 2  # the best weights
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("optim.lr=abc", "optim.lr=abc must be a number"),
+     ("+trainer.bogus=1", "trainer.bogus is not a lightning.Trainer argument")],
+)  # fmt: skip
+def test_cli_errors_are_one_line(tmp_path, override, message):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "train.py", *TINY_ARGS, override, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"error: {message}" in lines[0], lines
+    assert message in (tmp_path / "run" / "train.log").read_text()  # in the run's log too
+
+
+def test_short_runs_warm_up_without_an_error():
+    """The default warmup (auto) scales to runs shorter than 200 steps."""
+    from slm.config import validate
+
+    cfg = compose("train", ["trainer.max_steps=40"])
+    validate(cfg)
+    assert cfg.optim.warmup_steps == 4
+    cfg = compose("train", ["trainer.max_steps=5000"])
+    validate(cfg)
+    assert cfg.optim.warmup_steps == 200
