@@ -21,8 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slm import tokenizer
-from slm.errors import one_line
 from slm.checkpoint import load_model
+from slm.errors import one_line
 from slm.sample import check_sampling, generate, resolve_device
 
 
