@@ -21,8 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slm import tokenizer
+from slm.checkpoint import load_model
 from slm.errors import one_line
-from slm.sample import check_sampling, generate, load_model, resolve_device
+from slm.sample import check_sampling, generate, resolve_device
 
 
 def validate(cfg: DictConfig) -> torch.device:
