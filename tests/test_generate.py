@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from slm import tokenizer
 from slm.config import compose
+from slm.errors import CheckpointError
 from slm.model import GPT, GPTConfig
 from slm.module import GPTModule
 from slm.sample import (
-    CheckpointError,
     check_sampling,
     filter_logits,
     generate,
