@@ -101,8 +101,12 @@ def test_train_stream_is_reproducible_and_seeded(prepared, source):
     assert not any(torch.equal(first[i][0], first[i + 1][0]) for i in range(3))
 
 
-def fake_trainer(rank=0, step=0, accumulate=1):
-    return SimpleNamespace(global_rank=rank, global_step=step, accumulate_grad_batches=accumulate)
+def fake_trainer(rank=0, step=0, accumulate=1, world_size=1):
+    """What the DataModule reads of a Trainer: its rank, world size, and the micro-batches
+    trained on so far (``step`` optimizer steps of ``accumulate`` micro-batches)."""
+    progress = SimpleNamespace(total=SimpleNamespace(processed=step * accumulate))
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    return SimpleNamespace(global_rank=rank, world_size=world_size, fit_loop=loop)
 
 
 def test_ranks_draw_different_windows(prepared, source):
