@@ -21,8 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slm import tokenizer
+from slm.checkpoint import load_model
 from slm.errors import one_line
-from slm.sample import check_sampling, generate, load_model, resolve_device
+from slm.sample import check_sampling, generate, resolve_device
 
 
 def validate(cfg: DictConfig) -> torch.device:
@@ -42,6 +43,7 @@ def run(cfg: DictConfig) -> int:
     try:
         device = validate(cfg)
         model = load_model(cfg.ckpt, device)  # CheckpointError is a ValueError
+        enc = tokenizer.get_encoding()  # an SlmError offline without the BPE files
     except ValueError as e:
         print(f"error: {one_line(e)}", file=err)
         return 1
@@ -52,7 +54,6 @@ def run(cfg: DictConfig) -> int:
     if cfg.seed is not None:
         generator = torch.Generator(device).manual_seed(cfg.seed)
 
-    enc = tokenizer.get_encoding()
     # A token can end inside a multi-byte character: decode bytes incrementally.
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

@@ -102,6 +102,17 @@ class RunHistory(L.Callback):
         self.tokens, self.seconds = state["tokens"], state["seconds"]
 
 
+class ValidateAtEnd(L.Callback):
+    """A validation (and so ``last.ckpt`` and the final point of the curve) at
+    ``trainer.max_steps``, also when it is no multiple of ``val_every_n_steps``: Lightning
+    validates a stream without end only every ``val_check_interval`` batches, or when asked
+    to stop."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.fit_loop._should_accumulate() and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
 class SyncFreeThroughputMonitor(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` (tokens/s, MFU), without its
     ``torch.cuda.synchronize()`` after every batch: batches, samples and tokens are counted on

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
-from slm.errors import ConfigError
+from slm.errors import ConfigError, override
 from slm.model import CHOICES
 from slm.optim import OPTIMIZERS
 from slm.precision import default_precision
@@ -20,11 +20,13 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
     """The config that ``@hydra.main`` would build, for code run outside a Hydra app."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except OverrideParseException as e:
+        raise ConfigError(_unparsable(overrides)) from e
     except MissingConfigException as e:
         # Hydra lists the available options over several lines: keep it to one.
         text = str(e).split("Config search path")[0]
@@ -33,6 +35,26 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
         if len(lines) > 2:
             msg += f"; choose one of {', '.join(lines[2:])}"
         raise ConfigError(msg) from e
+
+
+def _unparsable(overrides: Sequence[str]) -> str:
+    """The message for an override Hydra's grammar rejects (over several lines, with a caret):
+    which one, and how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            parser.parse_overrides([text])
+        except OverrideParseException:
+            key, _, value = text.partition("=")
+            return (
+                f"Hydra cannot parse the override {text}: a value with non-ASCII text, quotes, "
+                "brackets, commas or '=' needs Hydra's quotes inside the shell's; write it as "
+                f"{override(key, value)} (see Quoting in the README)"
+            )
+    return f"Hydra cannot parse the overrides {' '.join(overrides)}; check their syntax"
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

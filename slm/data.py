@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from slm import tokenizer
-from slm.prepare import DEFAULT_SOURCE, SPLITS, DataError, prepare, read_meta
+from slm.prepare import SPLITS, DataError, prepare, prepare_command, read_meta
 
 
 def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
@@ -28,12 +28,14 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
     against ``meta.json`` (tokenizer, byte size, and token ids below the vocab size)."""
     data_dir = Path(data_dir)
     path = data_dir / f"{split}.bin"
-    fix = f"re-run `python -m slm.prepare data.dir={data_dir} data.overwrite=true`"
     meta = read_meta(data_dir)
     if meta is None:
         raise DataError(
-            f"{data_dir}/meta.json is missing, so {path.name} is of unknown origin; {fix}"
+            f"{data_dir}/meta.json is missing, so {path.name} is of unknown origin; "
+            + prepare_command(data_dir, None)
         )
+    # The fix names the recorded source, so that the command says what it will read.
+    fix = prepare_command(data_dir, meta.get("source"), meta.get("val_fraction"))
     if meta.get("tokenizer") != tokenizer.NAME or meta.get("dtype") != "uint16":
         raise DataError(
             f"{data_dir}/meta.json is for tokenizer {meta.get('tokenizer')!r} "
@@ -140,14 +142,15 @@ class FixedWindows(Dataset):
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Train/val batches from ``train.bin``/``val.bin`` in ``data_dir``, prepared on demand."""
+    """Train/val batches from ``train.bin``/``val.bin`` in ``dir``, prepared on demand from
+    ``source`` (None: what ``dir`` holds, else TinyStories; see ``prepare.resolve_source``)."""
 
     def __init__(
         self,
         dir: str = "data/tinystories",
         block_size: int = 256,
         batch_size: int = 32,
-        source: str = DEFAULT_SOURCE,
+        source: str | None = None,
         num_workers: int = 2,
         val_fraction: float = 0.01,
         val_windows: int | str = 200,

@@ -8,6 +8,8 @@ exits with status 1; the message names the culprit and the fix.
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
@@ -48,6 +50,28 @@ def describe(e: BaseException) -> str:
 def one_line(e: BaseException) -> str:
     """An error's whole message, folded onto one line."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# Values that both Hydra and the shell take as they are (ASCII only: Hydra's lexer rejects
+# unquoted non-ASCII text).
+_PLAIN = re.compile(r"[A-Za-z0-9_./~+:@%-]+")
+
+
+def override(key: str, value: str) -> str:
+    """``key=value`` as one shell word that Hydra reads back as ``value``: for the commands
+    that error messages suggest, and the README's quoting examples.
+
+    Hydra needs quotes around values holding spaces, quotes, brackets, commas or non-ASCII
+    text; inside its double quotes, a ``"`` and the backslashes before one (or at the end)
+    are escaped. The shell then gets the word in single quotes (an apostrophe as ``'\\''``).
+    """
+    if not _PLAIN.fullmatch(value):
+        escaped = re.sub(r'(\\*)("|$)', lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), value)
+        value = f'"{escaped}"'
+    word = f"{key}={value}"
+    if "'" not in word:
+        return shlex.quote(word)
+    return "'" + word.replace("'", "'\\''") + "'"  # it's -> 'it'\''s': close, \', reopen
 
 
 def fail(e: BaseException, log: logging.Logger | None = None) -> NoReturn:

@@ -1,11 +1,17 @@
-"""Evaluate a checkpoint on the whole validation split: every token once, in non-overlapping
-windows of the model's ``block_size``.
+"""Evaluate a checkpoint on every token of a text, once, in non-overlapping windows of the
+model's ``block_size`` (the last, partial window is left out).
 
-    python -m slm.evaluate ckpt=outputs/.../slm.pt data.source=SRC data.dir=DIR
+    python -m slm.evaluate ckpt=outputs/.../slm.pt data.dir=DIR    # DIR's val split
+    python -m slm.evaluate ckpt=PATH text=stories.txt              # all of any text source
+
+With ``data.dir`` (prepared on demand, like training: ``data.source`` null stands for what it
+holds) the text is its ``val.bin``. With ``text=SRC`` (any ``data.source``: a hub name, a
+file or a directory) it is every story of SRC, all its splits, tokenized into a temporary
+file: no data dir is read or written.
 
 The last line printed is JSON: ``{"val_loss", "val_ppl", "val_bpb", "tokens"}``. Bits per byte
 is the tokenizer-independent figure that compares with models of other tokenizers (llama2.c,
-the TinyStories paper): ``val_loss / ln 2 * tokens / utf8_bytes`` over the val text.
+the TinyStories paper): ``val_loss / ln 2 * tokens / utf8_bytes`` over the text.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +31,7 @@ from slm.data import FixedWindows, load_tokens
 from slm.errors import ConfigError, DataError, run_cli
 from slm.model import GPT
 from slm.precision import inference_autocast
-from slm.prepare import prepare, read_meta
+from slm.prepare import prepare, read_meta, tokenize
 from slm.sample import load_model, resolve_device
 
 
@@ -34,14 +41,19 @@ def bits_per_byte(loss: float, tokens: int, utf8_bytes: int) -> float:
 
 
 @torch.inference_mode()
-def evaluate(model: GPT, data_dir: str | Path, batch_size: int = 32) -> dict:
-    """Token-weighted mean loss of ``model`` over all of ``data_dir``/val.bin."""
+def score(
+    model: GPT, path: str | Path, tokens: int, utf8_bytes: int, batch_size: int, name: str
+) -> dict:
+    """Token-weighted mean loss of ``model`` over the ``tokens`` uint16 tokens in ``path``
+    (the encoding of ``utf8_bytes`` bytes of text; ``name`` names it in errors)."""
     device = next(model.parameters()).device
-    tokens = load_tokens(data_dir, "val")
     T = model.config.block_size
-    if T >= len(tokens):
-        raise DataError(f"block_size={T} is not smaller than the {len(tokens):,} val tokens")
-    windows = FixedWindows(Path(data_dir) / "val.bin", len(tokens), T, "all")
+    if T >= tokens:
+        raise DataError(
+            f"the model's block_size={T} is not smaller than the {tokens:,} tokens of {name}; "
+            "evaluate on more text"
+        )
+    windows = FixedWindows(path, tokens, T, "all")
     autocast, _ = inference_autocast(device)
     total, n = 0.0, 0
     model.eval()
@@ -50,14 +62,33 @@ def evaluate(model: GPT, data_dir: str | Path, batch_size: int = 32) -> dict:
             _, loss = model(x.to(device), y.to(device))
         total += loss.item() * y.numel()
         n += y.numel()
-    val = read_meta(data_dir)["splits"]["val"]
     loss = total / n
     return {
         "val_loss": loss,
         "val_ppl": math.exp(loss),
-        "val_bpb": bits_per_byte(loss, val["tokens"], val["bytes"]),
+        "val_bpb": bits_per_byte(loss, tokens, utf8_bytes),
         "tokens": n,
     }
+
+
+def evaluate(model: GPT, data_dir: str | Path, batch_size: int = 32) -> dict:
+    """``score`` over all of ``data_dir``/val.bin."""
+    n = len(load_tokens(data_dir, "val"))  # checked against meta.json
+    val = read_meta(data_dir)["splits"]["val"]
+    path = Path(data_dir) / "val.bin"
+    return score(model, path, n, val["bytes"], batch_size, str(path))
+
+
+def evaluate_text(model: GPT, source: str, batch_size: int = 32) -> dict:
+    """``score`` over every story of ``source`` (any ``data.source``), tokenized into a
+    temporary file."""
+    with tempfile.TemporaryDirectory(prefix="slm-evaluate-") as tmp:
+        path = Path(tmp) / "text.bin"
+        try:
+            stats = tokenize(source, path)
+        except DataError as e:  # load_source names the key it knows, data.source
+            raise DataError(str(e).replace("data.source", "text", 1)) from e
+        return score(model, path, stats["tokens"], stats["bytes"], batch_size, f"text={source}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,10 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
     except MissingMandatoryValue:
         raise ConfigError("ckpt is required: ckpt=PATH to a .ckpt or slm.pt") from None
     device = resolve_device(cfg.device)
+    model = load_model(ckpt, device)  # a bad checkpoint fails before any tokenizing
     d = cfg.data
-    prepare(d.source, d.dir, d.val_fraction, d.overwrite)  # a no-op when already prepared
-    model = load_model(ckpt, device)
-    result = evaluate(model, d.dir, d.batch_size)
+    if cfg.text:
+        result = evaluate_text(model, str(cfg.text), d.batch_size)
+    else:
+        prepare(d.source, d.dir, d.val_fraction, d.overwrite)  # a no-op when already prepared
+        result = evaluate(model, d.dir, d.batch_size)
     print(json.dumps(result))
     return result
 

@@ -8,11 +8,17 @@ local path: the dataset's own text format (stories separated by lines holding on
 directory of such files (files whose name holds ``val``, ``valid`` or ``validation`` as a
 word, like ``TinyStories-valid.txt``, form the validation split).
 Structured local files go through ``datasets.load_dataset`` too, the same code path as the hub.
+Null (the default) stands for what ``data.dir`` holds, as its meta.json records it, else
+roneneldan/TinyStories (``resolve_source``).
 
 Tokens are streamed to disk in batches (memory stays flat however large the source), batches
 are encoded in parallel threads (each with its own copy of the encoding, see
-``tokenizer.thread_encoding``), and each bin is written under a temporary name and renamed
-only when complete, so a failed or interrupted run never leaves a bin that a later run trusts.
+``tokenizer.thread_encoding``), and each bin is written under a temporary name of its own
+and renamed only when complete, so a failed or interrupted run never leaves a bin that a later
+run trusts. Prepares of one ``data.dir`` (several nodes on a shared filesystem, evaluate beside
+train) take turns on a lock file in it (``.prepare.lock``): the first writes, the others find
+the dir prepared. Existing bins are checked against meta.json's sizes, and a dir that is not
+right is never reported as prepared: the error gives the command that prepares it again.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import json
 import os
 import re
 import sys
+import tempfile
+import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -31,7 +39,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from slm import tokenizer
-from slm.errors import DataError, describe, run_cli
+from slm.errors import DataError, describe, override, run_cli
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the unique temporary names still keep bins whole
+    fcntl = None
 
 DEFAULT_SOURCE = "roneneldan/TinyStories"
 SPLITS = ("train", "val")
@@ -215,6 +228,13 @@ def _encode_in_parallel(batches: Iterable[list[str]]) -> Iterator[tuple]:
         wait([fut for _, fut in pending])
 
 
+def _temp_name(out: Path, name: str) -> Path:
+    """A name no other process writes (``train.bin.<random>.tmp``), so that a bin is renamed
+    into place only by the process that wrote all of it, even where two prepares run at once
+    without the lock (a filesystem without ``flock``)."""
+    return out / f"{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
 def held_out_mask(index: np.ndarray, fraction: float) -> np.ndarray:
     """Which stories (by index in the source) form the held-out val split: exactly
     floor(n * fraction) of the first n, spread evenly through the source (deterministic)."""
@@ -229,11 +249,11 @@ def _write_splits(splits: dict[str, list[Batches]], out: Path, val_fraction: flo
             "validation split, so one is held out of its stories"
         )
     stats = {s: {"tokens": 0, "stories": 0, "bytes": 0} for s in SPLITS}
-    tmp = {s: out / f"{s}.bin.tmp" for s in SPLITS}
+    tmp = {s: _temp_name(out, f"{s}.bin") for s in SPLITS}
     story_index = 0  # over the train stream, for the held-out split
     try:
         with contextlib.ExitStack() as stack:
-            files = {s: stack.enter_context(open(tmp[s], "wb")) for s in SPLITS}
+            files = {s: stack.enter_context(open(tmp[s], "xb")) for s in SPLITS}
             for split in ("train", "val"):
                 bar = stack.enter_context(
                     tqdm(desc=f"tokenizing {split}", unit=" stories", disable=None, file=sys.stderr)
@@ -287,28 +307,119 @@ def _write_splits(splits: dict[str, list[Batches]], out: Path, val_fraction: flo
 
 # ----------------------------------------------------------------------------- prepare
 
+LOCK = ".prepare.lock"  # in data.dir: prepares of one dir take turns (see _locked)
 
-def read_meta(data_dir: str | Path) -> dict | None:
+
+def prepare_command(
+    data_dir: str | Path, source: str | None, val_fraction: float | None = None
+) -> str:
+    """The fix that errors about a data dir suggest: the command that prepares it again from
+    ``source`` (holding out ``val_fraction``), quoted for the shell and Hydra, to be pasted as
+    it is. Where the source is unknown (no readable meta.json), ``SOURCE`` stands for it."""
+    src = override("data.source", source) if source else "data.source=SOURCE"
+    cmd = f"python -m slm.prepare {src} {override('data.dir', str(data_dir))}"
+    if val_fraction is not None:
+        cmd += f" data.val_fraction={val_fraction}"
+    cmd += " data.overwrite=true"
+    if source:
+        return f"prepare it again with `{cmd}`"
+    return f"prepare it again with `{cmd}`, SOURCE being the text it was prepared from"
+
+
+def read_meta(data_dir: str | Path, fix: str | None = None) -> dict | None:
+    """``data_dir``/meta.json, or None where there is none. One that is not valid JSON or not
+    a slm meta.json (token counts per split) is a DataError that ends with ``fix`` (by default
+    ``prepare_command`` for an unknown source)."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         return None
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(
-            f"{path} is not valid JSON ({e}); re-run prepare with data.overwrite=true"
-        ) from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("splits", {}), dict):
-        raise DataError(f"{path} is not a slm meta.json; re-run prepare with data.overwrite=true")
-    return meta
+        problem = f"is not valid JSON ({e})"
+    else:
+        splits = meta.get("splits") if isinstance(meta, dict) else None
+        if isinstance(splits, dict) and all(
+            isinstance(splits.get(s), dict) and isinstance(splits[s].get("tokens"), int)
+            for s in SPLITS
+        ):
+            return meta
+        problem = "is not a slm meta.json (it has no token counts per split)"
+    raise DataError(f"{path} {problem}; {fix or prepare_command(data_dir, None)}")
+
+
+def resolve_source(source: str | None, data_dir: str | Path) -> str:
+    """What ``data.source`` stands for, as meta.json records it: the given source (a local
+    path made absolute); where it is null, the source that ``data_dir`` was prepared from
+    (its meta.json), so that ``data.dir`` alone names prepared data; else DEFAULT_SOURCE.
+    The one place that decides it, for prepare, training and evaluate alike."""
+    if source:
+        return canonical_source(source)
+    meta = read_meta(data_dir)
+    recorded = meta.get("source") if meta else None
+    return recorded if isinstance(recorded, str) and recorded else DEFAULT_SOURCE
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``out``/.prepare.lock while the dir is checked and
+    written. Prepares of one dir (one per node on a shared filesystem, as Lightning runs
+    ``prepare_data`` on every node; or evaluate beside train) then take turns, and each finds
+    the dir as the one before left it: the first writes, the others find it prepared.
+
+    Yields whether the lock is held. A dir this process cannot write is only read (unlocked,
+    as nothing here can write it either; writing it fails in ``_check_writable``), and on a
+    filesystem without locks the unique temporary names alone keep bins whole.
+    """
+    fd = None
+    with contextlib.suppress(OSError):
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        locked = False
+        if fd is not None and fcntl is not None:
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"waiting for another prepare of {out} to finish", file=sys.stderr)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError:  # e.g. ENOLCK: a network filesystem without lock support
+                pass
+        yield locked
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a prepare that was killed (SIGKILL, out of memory): with the lock
+    held, no other prepare is writing any of them."""
+    for pattern in ("train.bin.*tmp", "val.bin.*tmp", "meta.json.*tmp"):
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _wrong_size(out: Path, meta: dict) -> str | None:
+    """Which bin does not have the byte size that ``meta`` records (a truncated copy, a disk
+    that filled up), else None. Sizes only: ``data.load_tokens`` checks the ids."""
+    for split in SPLITS:
+        path = out / f"{split}.bin"
+        size, tokens = path.stat().st_size, meta["splits"][split]["tokens"]
+        if size != 2 * tokens:
+            return (
+                f"{path} has {size:,} bytes but meta.json records {tokens:,} uint16 tokens "
+                f"({2 * tokens:,} bytes), so it is truncated or corrupt"
+            )
+    return None
 
 
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.touch()
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out):  # a unique name: prepares may run side by side
+            pass
     except OSError as e:
         raise DataError(
             f"data.dir {out} is not writable ({e.strerror}); choose a directory you can write"
@@ -316,62 +427,99 @@ def _check_writable(out: Path) -> None:
 
 
 def prepare(
-    source: str = DEFAULT_SOURCE,
+    source: str | None = None,
     data_dir: str | Path = "data/tinystories",
     val_fraction: float = 0.01,
     overwrite: bool = False,
 ) -> dict:
     """Write ``train.bin``, ``val.bin`` and ``meta.json`` into ``data_dir``; return the meta.
 
-    A no-op when ``meta.json`` already records this source and tokenizer. Bins from another
-    source or tokenizer (or bins with no ``meta.json``) are an error unless ``overwrite``.
+    ``source`` None stands for what ``data_dir`` holds (see ``resolve_source``), taken as it
+    was prepared (its ``val_fraction`` is not compared). A no-op when ``meta.json`` records
+    this source and tokenizer and the bins have the sizes it records; a missing bin is
+    prepared again. Tokens of another source or tokenizer, bins with no or an unreadable
+    ``meta.json`` and bins of the wrong size are an error that says how to prepare the dir
+    again; with ``overwrite`` the dir is prepared again, whatever it holds, without reading it.
     """
     out = Path(data_dir).expanduser().resolve()
-    _check_not_a_missing_path(source)
-    src = canonical_source(source)
-    meta = read_meta(out) if out.is_dir() else None
-    if meta is not None and not overwrite:
-        same = (
-            meta.get("source") == src
-            and meta.get("tokenizer") == tokenizer.NAME
-            and (meta.get("val_fraction") is None or meta.get("val_fraction") == val_fraction)
-        )
-        if not same:
-            raise DataError(
-                f"data.dir {out} holds tokens of {meta.get('source')!r} "
-                f"({meta.get('tokenizer')}, val_fraction={meta.get('val_fraction')}), not of "
-                f"{src!r} (gpt2, val_fraction={val_fraction}); pass data.source="
-                f"{meta.get('source')} to use them, data.overwrite=true to replace them, "
-                "or choose another data.dir"
+    if source:
+        _check_not_a_missing_path(source)
+    with _locked(out) as locked:
+        src = resolve_source(source, out)
+        fix = prepare_command(out, src if source else None, val_fraction)
+        meta = None if overwrite else read_meta(out, fix)
+        if meta is not None:
+            same_tokenizer = meta.get("tokenizer") == tokenizer.NAME
+            same = (
+                meta.get("source") == src
+                and same_tokenizer
+                and (source is None or meta.get("val_fraction") in (None, val_fraction))
             )
-        if all((out / f"{s}.bin").exists() for s in SPLITS):
-            return meta
-    elif meta is None and not overwrite and any((out / f"{s}.bin").exists() for s in SPLITS):
-        raise DataError(
-            f"data.dir {out} holds .bin files but no meta.json, so their origin is unknown; "
-            "pass data.overwrite=true to prepare them again"
-        )
-    _check_writable(out)
-    # Batches of 256 stories keep every encoder thread busy even on a small source.
-    splits = load_source(source, batch=256)  # fails before anything existing is touched
-    (out / "meta.json").unlink(missing_ok=True)  # old bins are untrusted from here on
-    stats = _write_splits(splits, out, val_fraction)
-    held_out = not splits["val"]
-    meta = {
-        "version": META_VERSION,
-        "source": src,
-        "tokenizer": tokenizer.NAME,
-        "vocab_size": tokenizer.VOCAB_SIZE,
-        "eot_token": tokenizer.EOT_ID,
-        "dtype": "uint16",
-        "val_split": "held-out" if held_out else "validation",
-        "val_fraction": val_fraction if held_out else None,
-        "splits": stats,
-    }
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")
+            if not same:
+                use = "leave data.source unset to use them, " if same_tokenizer else ""
+                raise DataError(
+                    f"data.dir {out} holds tokens of {meta.get('source')!r} "
+                    f"({meta.get('tokenizer')}, val_fraction={meta.get('val_fraction')}), not "
+                    f"of {src!r} (gpt2, val_fraction={val_fraction}); {use}pass "
+                    "data.overwrite=true to replace them, or choose another data.dir"
+                )
+            if all((out / f"{s}.bin").exists() for s in SPLITS):
+                problem = _wrong_size(out, meta)
+                if problem:  # prepared again as it was, from its recorded source
+                    fix = prepare_command(out, src, meta.get("val_fraction"))
+                    raise DataError(f"{problem}; {fix}")
+                return meta
+        elif not overwrite and any((out / f"{s}.bin").exists() for s in SPLITS):
+            raise DataError(
+                f"data.dir {out} holds .bin files but no meta.json, so their origin is unknown; "
+                + fix
+            )
+        _check_writable(out)
+        tokenizer.get_encoding()  # offline without the BPE files: fail before touching anything
+        # Batches of 256 stories keep every encoder thread busy even on a small source.
+        splits = load_source(src, batch=256)  # fails before anything existing is touched
+        if locked:
+            _remove_stale_temporaries(out)
+        (out / "meta.json").unlink(missing_ok=True)  # old bins are untrusted from here on
+        stats = _write_splits(splits, out, val_fraction)
+        held_out = not splits["val"]
+        meta = {
+            "version": META_VERSION,
+            "source": src,
+            "tokenizer": tokenizer.NAME,
+            "vocab_size": tokenizer.VOCAB_SIZE,
+            "eot_token": tokenizer.EOT_ID,
+            "dtype": "uint16",
+            "val_split": "held-out" if held_out else "validation",
+            "val_fraction": val_fraction if held_out else None,
+            "splits": stats,
+        }
+        tmp = _temp_name(out, "meta.json")
+        try:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(tmp, out / "meta.json")
+        finally:
+            tmp.unlink(missing_ok=True)
     return meta
+
+
+def tokenize(source: str, path: str | Path) -> dict:
+    """Every story of ``source`` (all its files or splits, train then val) into the one token
+    file ``path``, for scoring a model on all of a text (``slm.evaluate text=...``). Returns
+    the counts ``{"tokens", "stories", "bytes"}``; touches no data dir."""
+    tokenizer.get_encoding()
+    splits = load_source(source, batch=256)
+    stats = {"tokens": 0, "stories": 0, "bytes": 0}
+    with open(path, "wb") as f:
+        for stream in splits["train"] + splits["val"]:
+            for stories, ids in _encode_in_parallel(stream):
+                ids.tofile(f)
+                stats["tokens"] += len(ids)
+                stats["stories"] += len(stories)
+                stats["bytes"] += sum(len(s.encode("utf-8")) for s in stories)
+    if stats["stories"] == 0:
+        raise DataError(f"data.source {source} holds no text; check the files")
+    return stats
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -380,12 +528,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = compose("train", sys.argv[1:] if argv is None else argv)
     d = cfg.data
+    out = Path(d.dir).expanduser().resolve()
+    before = _stamp(out / "meta.json")
     meta = prepare(d.source, d.dir, d.val_fraction, d.overwrite)
     for split in SPLITS:
         s = meta["splits"][split]
         print(f"{split}: {s['stories']:,} stories, {s['tokens']:,} tokens, {s['bytes']:,} bytes")
-    print(f"wrote {Path(d.dir).resolve()}/{{train.bin,val.bin,meta.json}}")
+    if _stamp(out / "meta.json") == before:
+        print(f"{out} already holds these tokens of {meta['source']}; nothing written")
+    else:
+        print(f"wrote {out}/{{train.bin,val.bin,meta.json}}")
     return meta
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` is (inode, mtime), None where there is none: prepare rewrote
+    meta.json where this changed."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 if __name__ == "__main__":

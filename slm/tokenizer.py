@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import threading
 from collections.abc import Sequence
 
 import numpy as np
 import tiktoken
+
+from slm.errors import SlmError, first_line
 
 NAME = "gpt2"
 EOT = "<|endoftext|>"
@@ -22,8 +25,20 @@ EOT_ID = 50256
 
 @functools.cache
 def get_encoding() -> tiktoken.Encoding:
-    """The tiktoken ``gpt2`` encoding (downloaded once, then read from tiktoken's cache)."""
-    return tiktoken.get_encoding(NAME)
+    """The tiktoken ``gpt2`` encoding (downloaded once, then read from tiktoken's cache).
+
+    Offline with an empty cache, tiktoken fails deep in ``requests`` (a ~100-line traceback):
+    that becomes one line saying how to get the BPE files (README, Offline)."""
+    try:
+        return tiktoken.get_encoding(NAME)
+    except Exception as e:  # a network error, or a corrupt cached file (a hash mismatch)
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or "unset (tiktoken uses its default cache)"
+        raise SlmError(
+            f"tiktoken could not load the gpt2 BPE files ({type(e).__name__}: {first_line(e)}; "
+            f"TIKTOKEN_CACHE_DIR is {cache}); run once online to cache them, or offline set "
+            "TIKTOKEN_CACHE_DIR to a directory seeded with vocab.bpe and encoder.json "
+            "(bash ../shared/data/gpt2/seed-tiktoken-cache.sh DIR; see Offline in the README)"
+        ) from e
 
 
 _local = threading.local()

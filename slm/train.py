@@ -30,6 +30,7 @@ from slm.callbacks import (
     StepProgressBar,
     StopOnSignal,
     SyncFreeThroughputMonitor,
+    ValidateAtEnd,
 )
 from slm.checkpoint import check_resume
 from slm.config import resolve_hardware, validate
@@ -122,6 +123,7 @@ def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
     cfg = resolve_hardware(cfg)
     validate(cfg)
+    check_trainer_args(dict(cfg.trainer))
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path:
@@ -159,6 +161,7 @@ def train(cfg: DictConfig) -> float:
     callbacks = [
         best,
         last,
+        ValidateAtEnd(),  # first: the hooks after it see the last step as a logging step
         LearningRateMonitor(logging_interval="step"),
         # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
         # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
@@ -171,7 +174,6 @@ def train(cfg: DictConfig) -> float:
         SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens),
     ]
     trainer_args = dict(cfg.trainer)
-    check_trainer_args(trainer_args)
     # Validation every val_every_n_steps optimizer steps (Lightning counts micro-batches).
     trainer_args["val_check_interval"] = cfg.val_every_n_steps * cfg.trainer.accumulate_grad_batches
     if trainer_args.get("enable_progress_bar", True):

@@ -1,9 +1,12 @@
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from slm.config import CONF_DIR, ConfigError, compose, resolve_hardware, validate
+from slm.errors import override
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 HARDWARE = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
@@ -40,7 +43,7 @@ def test_model_shapes(model, shape):
 
 def test_defaults():
     cfg = compose("train")
-    assert cfg.data.source == "roneneldan/TinyStories"
+    assert cfg.data.source is None  # what data.dir holds, else roneneldan/TinyStories
     assert list(cfg.optim.betas) == [0.9, 0.95]
     assert cfg.optim.weight_decay == 0.1 and cfg.trainer.gradient_clip_val == 1.0
     assert cfg.optim.name == "adamw" and cfg.optim.lr == 1e-3  # optim=adamw: the old keys
@@ -154,3 +157,28 @@ def test_gpu_hardware_without_cuda(monkeypatch):
 
 def test_conf_dir_is_the_repo_conf():
     assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf"
+
+
+VALUES = ["/data/my stories.txt", "/data/café.txt", "Zoë's", 'say "hi"', "a,b", "[x]", "x=y",
+          "C:\\dir\\", "/plain/path-1.txt", "Lily's dog, \"Max\" — 🐶 $HOME `x`"]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", VALUES)
+def test_override_is_one_shell_word_that_hydra_reads_back(value):
+    word = override("data.source", value)
+    [arg] = shlex.split(word)
+    bash = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, text=True)
+    assert bash.stdout == arg  # the shell itself agrees with shlex
+    assert compose("train", [arg]).data.source == value
+
+
+@pytest.mark.parametrize("value", ["/data/café.txt", "Zoë's", "x=y", "(x)"])
+def test_unparsable_override_is_one_line_that_says_how_to_quote(value):
+    with pytest.raises(ConfigError) as e:
+        compose("train", ["model=tiny", f"data.source={value}"])
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"Hydra cannot parse the override data.source={value}: ")
+    suggestion = override("data.source", value)
+    assert f"write it as {suggestion} (see Quoting in the README)" in msg
+    assert compose("train", shlex.split(suggestion)).data.source == value

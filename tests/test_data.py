@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +17,7 @@ from conftest import make_stories, write_txt
 
 from slm.data import FixedWindows, RandomWindows, TokenDataModule, load_tokens
 from slm.prepare import DataError, prepare
+from slm.prepare import main as prepare_main
 
 T, B = 16, 4  # tiny windows and batches: the tests are about indices, not scale
 
@@ -98,8 +101,12 @@ def test_train_stream_is_reproducible_and_seeded(prepared, source):
     assert not any(torch.equal(first[i][0], first[i + 1][0]) for i in range(3))
 
 
-def fake_trainer(rank=0, step=0, accumulate=1):
-    return SimpleNamespace(global_rank=rank, global_step=step, accumulate_grad_batches=accumulate)
+def fake_trainer(rank=0, step=0, accumulate=1, world_size=1):
+    """What the DataModule reads of a Trainer: its rank, world size, and the micro-batches
+    trained on so far (``step`` optimizer steps of ``accumulate`` micro-batches)."""
+    progress = SimpleNamespace(total=SimpleNamespace(processed=step * accumulate))
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    return SimpleNamespace(global_rank=rank, world_size=world_size, fit_loop=loop)
 
 
 def test_ranks_draw_different_windows(prepared, source):
@@ -263,6 +270,40 @@ def test_missing_meta_or_bin(data_copy, source):
     )
     dm = TokenDataModule(dir=str(data_copy), block_size=T, source=str(source))
     raises_one_line(r"meta\.json is missing", dm.setup, "fit")
+
+
+def run_suggested_command(e: pytest.ExceptionInfo) -> None:
+    """Run the ``python -m slm.prepare ...`` command that the error ``e`` suggests, literally."""
+    assert "\n" not in str(e.value)
+    m = re.search(r"`python -m slm\.prepare ([^`]*)`", str(e.value))
+    assert m, f"no prepare command in: {e.value}"
+    prepare_main(shlex.split(m[1]))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_truncated_bin_error_in_training_gives_a_command_that_works(data_copy, source, split):
+    """The bug: training's error suggested `python -m slm.prepare data.dir=... overwrite=true`,
+    which left out data.source and so fetched the default, the hub's TinyStories."""
+    good = tokens_of(data_copy, split)
+    good[: len(good) // 2].astype(np.uint16).tofile(data_copy / f"{split}.bin")
+    dm = TokenDataModule(dir=str(data_copy), block_size=T, batch_size=B, num_workers=0)
+    with pytest.raises(DataError, match=rf"{split}\.bin has .* truncated") as e:
+        dm.prepare_data()  # data.dir alone: its meta.json records the source
+    run_suggested_command(e)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert tokens_of(data_copy, split).tolist() == good.tolist()
+
+
+def test_load_tokens_error_gives_a_command_that_works(data_copy, source):
+    """Where setup runs without prepare_data (every rank but one per node) the bins are
+    checked again, with the same fix."""
+    tokens = tokens_of(data_copy, "train")
+    tokens[:-10].astype(np.uint16).tofile(data_copy / "train.bin")
+    with pytest.raises(DataError, match=r"train\.bin holds [\d,]+ tokens but meta\.json says") as e:
+        load_tokens(data_copy, "train")
+    run_suggested_command(e)  # the bug: the command fetched the hub's TinyStories instead
+    assert load_tokens(data_copy, "train").tolist() == tokens.tolist()
 
 
 def test_meta_of_another_tokenizer(data_copy):

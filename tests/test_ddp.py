@@ -1,4 +1,4 @@
-"""DDP on CPU: two processes (gloo), launched by Lightning from a real `python train.py`."""
+"""DDP on CPU: three processes (gloo), launched by Lightning from a real `python train.py`."""
 
 import json
 import subprocess
@@ -17,7 +17,7 @@ from slm.sample import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_ddp(tmp_path):
+def test_three_process_ddp(tmp_path):
     stories = [f"Max found {n} shells on the beach. He smiled. The end." for n in range(300)]
     src = tmp_path / "s.txt"
     src.write_text("\n<|endoftext|>\n".join(stories) + "\n")
@@ -29,12 +29,12 @@ def test_two_process_ddp(tmp_path):
         f"data.source={src}",
         f"data.dir={data}",
         "data.val_fraction=0.1",
-        "data.val_windows=8",
+        "data.val_windows=8",  # 3 ranks do not divide 8 windows: 3 + 3 + 2, none repeated
         "trainer.max_steps=6",
         "val_every_n_steps=3",
         "optim.warmup_steps=1",
         "trainer.accelerator=cpu",
-        "trainer.devices=2",
+        "trainer.devices=3",
         "trainer.strategy=ddp",
         f"hydra.run.dir={run}",
     ]
@@ -46,14 +46,15 @@ def test_two_process_ddp(tmp_path):
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 6
-    assert metrics["tokens_seen"] == 6 * 8 * 64 * 2  # both ranks' batches count
+    assert metrics["tokens_seen"] == 6 * 8 * 64 * 3  # every rank's batches count
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "best-step6.ckpt",
         "last.ckpt",
     ]
 
-    # val/loss is the mean over both ranks' halves of the val windows: the same as one
-    # process evaluating all 8 windows with the final weights.
+    # val/loss is the mean over the ranks' shares of the val windows: the same as one
+    # process evaluating all 8 windows with the final weights (a padded DistributedSampler
+    # would count two of them twice).
     model = load_model(run / "checkpoints" / "last.ckpt")
     n_val = json.loads((data / "meta.json").read_text())["splits"]["val"]["tokens"]
     windows = FixedWindows(data / "val.bin", n_val, 64, 8)

@@ -1,16 +1,21 @@
 import json
 import math
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken
 import torch
 
-from slm.evaluate import bits_per_byte, evaluate
+from slm.errors import DataError
+from slm.evaluate import bits_per_byte, evaluate, main
 from slm.model import GPT, GPTConfig
+from slm.prepare import main as prepare_main
 from slm.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +83,52 @@ def test_cli_errors(setup, args, message):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1
     assert re.match(message, lines[0])
+
+
+def test_text_scores_every_story_without_touching_data_dir(setup, tmp_path, capsys):
+    d, src, model = setup
+    stories = [f"Anna had {n} red apples. She gave one to Sam. The end." for n in range(120)]
+    tokens = np.array(
+        [t for s in stories for t in tiktoken.get_encoding("gpt2").encode_ordinary(s) + [50256]]
+    )
+    T, n_windows = 32, (len(tokens) - 1) // 32
+    x = torch.from_numpy(tokens[: n_windows * T]).view(n_windows, T)
+    y = torch.from_numpy(tokens[1 : n_windows * T + 1]).view(n_windows, T)
+    with torch.no_grad():
+        _, expected = model(x, y)
+    utf8_bytes = sum(len(s.encode()) for s in stories)
+
+    data_dir = tmp_path / "data"  # never created: text= reads no data dir
+    result = main([f"ckpt={d / 'slm.pt'}", f"text={src}", f"data.dir={data_dir}", "device=cpu"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["tokens"] == n_windows * T  # all 120 stories, not a held-out fraction
+    assert result["val_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert result["val_bpb"] == pytest.approx(
+        expected.item() / math.log(2) * len(tokens) / utf8_bytes, rel=1e-5
+    )
+    assert not data_dir.exists()
+
+
+def test_text_errors_name_the_text_key(setup, tmp_path):
+    d, _, _ = setup
+    with pytest.raises(DataError, match=r"^text /no/such\.txt: no such file or directory"):
+        main([f"ckpt={d / 'slm.pt'}", "text=/no/such.txt", "device=cpu"])
+    few = tmp_path / "few.txt"
+    few.write_text("Hi.\n<|endoftext|>\n")
+    with pytest.raises(DataError, match=r"block_size=32 is not smaller than the 3 tokens of text="):
+        main([f"ckpt={d / 'slm.pt'}", f"text={few}", "device=cpu"])
+
+
+def test_data_dir_alone_and_the_fix_for_a_truncated_bin(setup, tmp_path, capsys):
+    d, src, _ = setup
+    data = Path(shutil.copytree(d / "data", tmp_path / "data"))
+    args = [f"ckpt={d / 'slm.pt'}", f"data.dir={data}", "device=cpu"]
+    expected = main(args)  # no data.source: the one data.dir's meta.json records
+    with open(data / "val.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(DataError, match=r"val\.bin has 10 bytes") as e:
+        main(args)
+    assert "\n" not in str(e.value)
+    command = re.search(r"`python -m slm\.prepare ([^`]*)`", str(e.value))[1]
+    prepare_main(shlex.split(command))  # the source and val_fraction it was prepared with
+    assert main(args) == expected

@@ -11,15 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiktoken
 import torch
 import torch.nn.functional as F
 
 from slm import tokenizer
 from slm.config import compose
+from slm.errors import CheckpointError
 from slm.model import GPT, GPTConfig
 from slm.module import GPTModule
 from slm.sample import (
-    CheckpointError,
     check_sampling,
     filter_logits,
     generate,
@@ -437,6 +438,23 @@ def test_cli_errors(overrides, message, ckpts, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_cli_without_the_bpe_files_offline(ckpts, monkeypatch, capsys):
+    def no_network(name):
+        raise ConnectionError("Max retries exceeded\n(100 more lines)")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    tokenizer.get_encoding.cache_clear()
+    try:
+        assert _cli().run(compose("generate", [f"ckpt={ckpts['pt']}"])) == 1
+    finally:
+        monkeypatch.undo()
+        tokenizer.get_encoding.cache_clear()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: tiktoken could not load the gpt2 BPE files (ConnectionError")
+    assert err.count("\n") == 1
 
 
 def test_cli_generates(ckpts, trained, capsys):

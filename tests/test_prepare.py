@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +23,7 @@ from slm.prepare import DataError, prepare
 
 ENC = tiktoken.get_encoding("gpt2")
 EOT_ID = 50256
+LOCK = ".prepare.lock"  # stays in data.dir: prepares of one dir take turns on it
 
 
 def story_tokens(stories: list[str]) -> list[list[int]]:
@@ -61,7 +65,12 @@ def assert_one_line(exc: pytest.ExceptionInfo) -> None:
 
 
 def snapshot(out: Path) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.iterdir())}
+    """Which files ``out`` holds (inode, mtime), but for the lock file, which stays."""
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(out.iterdir())
+        if p.name != LOCK
+    }
 
 
 # ----------------------------------------------------------------------------- real data
@@ -106,7 +115,12 @@ def test_real_v1_piece_is_tokenized_exactly(v1_txt, v1_prepared):
     }
     assert len(train) + len(val) == 502_779
     assert (out / "train.bin").stat().st_size == 2 * len(train)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".prepare.lock",
+        "meta.json",
+        "train.bin",
+        "val.bin",
+    ]
 
 
 def test_real_v2_piece_is_tokenized_exactly(v2_txt, tmp_path):
@@ -391,21 +405,158 @@ def test_missing_bin_is_prepared_again(small_txt, tmp_path):
     assert_bins(out, *expected_bins(make_stories(300), 0.01))
 
 
-def test_invalid_meta_json_is_an_error(small_txt, tmp_path):
+def suggested_command(message: str) -> list[str]:
+    """The overrides of the ``python -m slm.prepare ...`` command an error suggests, split as
+    the shell would."""
+    m = re.search(r"`python -m slm\.prepare ([^`]*)`", message)
+    assert m, f"no prepare command in: {message}"
+    return shlex.split(m[1])
+
+
+def assert_command(e: pytest.ExceptionInfo, source: Path, out: Path) -> None:
+    """The error's command prepares ``out`` again from ``source``, whatever the quoting."""
+    from slm.config import compose
+
+    d = compose("train", suggested_command(str(e.value))).data
+    assert (d.source, d.dir, d.overwrite) == (str(source), str(out), True)
+
+
+def follow(e: pytest.ExceptionInfo, capsys) -> str:
+    """Run the command that the error ``e`` suggests, literally; its output."""
+    assert_one_line(e)
+    capsys.readouterr()
+    P.main(suggested_command(str(e.value)))
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["{not json", "[1, 2]", "{}", '{"splits": {"train": {}}}'])
+def test_invalid_meta_json_error_gives_a_command_that_works(small_txt, tmp_path, capsys, bad):
     out = tmp_path / "out"
     prepare(str(small_txt), out)
-    for bad in ("{not json", "[1, 2]"):
-        (out / "meta.json").write_text(bad)
-        with pytest.raises(DataError, match=r"meta\.json is not .*overwrite=true") as e:
-            prepare(str(small_txt), out)
+    (out / "meta.json").write_text(bad)
+    with pytest.raises(DataError, match=r"meta\.json is not .*prepare it again") as e:
+        prepare(str(small_txt), out)
+    assert_command(e, small_txt, out)
+    assert "wrote" in follow(e, capsys)  # the bug: overwrite read the bad meta.json first
+    assert_bins(out, *expected_bins(make_stories(300), 0.01))
+
+
+def test_overwrite_does_not_read_an_invalid_meta_json(small_txt, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)
+    (out / "meta.json").write_text("{not json")
+    prepare(str(small_txt), out, overwrite=True)
+    assert_bins(out, *expected_bins(make_stories(300), 0.01))
+
+
+def test_invalid_meta_json_without_a_source_asks_for_it(small_txt, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)
+    (out / "meta.json").write_text("{not json")
+    for overwrite in (False, True):  # the source is unknown either way
+        with pytest.raises(DataError, match=r"data\.source=SOURCE .*SOURCE being the text") as e:
+            prepare(None, out, overwrite=overwrite)
         assert_one_line(e)
+    assert (out / "meta.json").read_text() == "{not json"  # nothing touched
+
+
+@pytest.mark.parametrize("name", ["out", "my data", "Zoë's café"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_truncated_bin_error_gives_a_command_that_works(small_txt, tmp_path, capsys, name, split):
+    """A bin cut short (a full disk, a partial copy) is never taken as prepared, with or
+    without data.source; the error's command (quoted for Hydra and the shell, whatever the
+    path) prepares it again from the recorded source."""
+    out = tmp_path / name
+    prepare(str(small_txt), out)
+    good = (out / f"{split}.bin").read_bytes()
+    (out / f"{split}.bin").write_bytes(good[:-6])
+    for source in (str(small_txt), None):
+        with pytest.raises(DataError, match=rf"{split}\.bin has [\d,]+ bytes but meta\.json") as e:
+            prepare(source, out)
+        assert_one_line(e)
+    assert_command(e, small_txt, out)
+    assert "wrote" in follow(e, capsys)
+    assert (out / f"{split}.bin").read_bytes() == good
+
+
+def test_truncated_bin_with_overwrite_is_prepared_again(small_txt, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)
+    with open(out / "train.bin", "r+b") as f:
+        f.truncate(100)
+    prepare(None, out, overwrite=True)  # the recorded source
+    assert_bins(out, *expected_bins(make_stories(300), 0.01))
+
+
+def test_data_dir_alone_is_its_recorded_source(small_txt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    meta = prepare(str(small_txt), out, val_fraction=0.05)
+    before = snapshot(out)
+    monkeypatch.setattr(P, "load_source", lambda *a, **k: pytest.fail("prepared again"))
+    assert P.resolve_source(None, out) == str(small_txt.resolve())
+    assert prepare(None, out) == meta  # as it was prepared: val_fraction is not compared
+    assert P.main([f"data.dir={out}"]) == meta
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"{out} already holds these tokens of {small_txt.resolve()}; nothing written"
+    assert snapshot(out) == before
+    assert P.resolve_source(None, tmp_path / "empty") == "roneneldan/TinyStories"
+
+
+def _prepare_when_released(source: str, out: str, barrier, results) -> None:
+    """A second process's prepare: it starts when the other one does, and reports whether
+    it wrote the bins."""
+    real, wrote = P._write_splits, []
+    P._write_splits = lambda *args: wrote.append(True) or real(*args)
+    barrier.wait()
+    try:
+        prepare(source, out)
+        results.put(("ok", bool(wrote)))
+    except BaseException as e:
+        results.put((f"{type(e).__name__}: {e}", bool(wrote)))
+
+
+def test_two_concurrent_prepares_into_one_dir(tmp_path):
+    """Two nodes on a shared filesystem (or evaluate beside train) prepare one dir at once:
+    one writes, the other waits for it and finds the dir prepared."""
+    stories = make_stories(1500, seed=12)
+    src = write_txt(tmp_path / "s.txt", stories)
+    out = tmp_path / "out"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    args = (str(src), str(out), barrier, results)
+    procs = [ctx.Process(target=_prepare_when_released, args=args) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    reports = sorted(results.get(timeout=300) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert reports == [("ok", False), ("ok", True)]
+    assert_bins(out, *expected_bins(stories, 0.01))
+    assert leftovers(out) == ["meta.json", "train.bin", "val.bin"]  # no temporary files
+
+
+def test_temporary_names_are_unique(tmp_path):
+    names = {P._temp_name(tmp_path, "train.bin") for _ in range(100)}
+    assert len(names) == 100
+    assert all(re.fullmatch(r"train\.bin\.[0-9a-f]+\.tmp", n.name) for n in names)
+
+
+def test_stale_temporary_files_are_removed(small_txt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("train.bin.tmp", "train.bin.0123abcd.tmp", "meta.json.feed.tmp"):
+        (out / name).write_bytes(b"left by a killed prepare")
+    (out / "notes.tmp").write_text("not ours")
+    prepare(str(small_txt), out)
+    assert leftovers(out) == ["meta.json", "notes.tmp", "train.bin", "val.bin"]
 
 
 # ----------------------------------------------------------------------------- interruptions
 
 
 def leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir())
+    """The files a prepare left in ``out``, but for the lock file, which stays."""
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK)
 
 
 @pytest.fixture
@@ -629,3 +780,62 @@ def test_cli_missing_source_is_a_one_line_error(tmp_path):
         "error: data.source /no/such/stories.txt: no such file or directory; check the path"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_suggested_command_works_pasted_into_a_shell(small_txt, tmp_path):
+    out = tmp_path / 'Zoë\'s "best" café'
+    prepare(str(small_txt), out)
+    (out / "val.bin").write_bytes(b"")
+    with pytest.raises(DataError) as e:
+        prepare(None, out)
+    command = re.search(r"`(python -m slm\.prepare [^`]*)`", str(e.value))[1]
+    shell = subprocess.run(
+        ["bash", "-c", f"{shlex.quote(sys.executable)}{command.removeprefix('python')}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert_bins(out, *expected_bins(make_stories(300), 0.01))
+
+
+def test_cli_unquoted_non_ascii_path_is_a_one_line_error_with_the_fix(tmp_path):
+    src = write_txt(tmp_path / "Zoë's stories.txt", make_stories(300))
+    r = run_cli(f"data.source={src}", f"data.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert r.returncode == 1
+    [line] = r.stderr.strip().splitlines()  # not Hydra's 31-line traceback
+    quoted = f"""'data.source="{tmp_path}/Zoë'\\''s stories.txt"'"""
+    assert line == (
+        f"error: Hydra cannot parse the override data.source={src}: a value with non-ASCII "
+        "text, quotes, brackets, commas or '=' needs Hydra's quotes inside the shell's; write "
+        f"it as {quoted} (see Quoting in the README)"
+    )
+    P.main([*shlex.split(quoted), f"data.dir={tmp_path / 'out'}"])
+    assert_bins(tmp_path / "out", *expected_bins(make_stories(300), 0.01))
+
+
+def test_cli_without_the_bpe_files_offline_is_a_one_line_error(small_txt, tmp_path):
+    """tiktoken downloads the BPE files on first use: offline with an empty cache, the error
+    says how to get them (the proxy makes the download fail at once, never hang)."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    proxy = "http://127.0.0.1:9"  # the discard port: connection refused
+    env.update(TIKTOKEN_CACHE_DIR=str(empty), HTTPS_PROXY=proxy, HTTP_PROXY=proxy,
+               https_proxy=proxy, http_proxy=proxy, PYTHONPATH=str(REPO))  # fmt: skip
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "slm.prepare", f"data.source={small_txt}", f"data.dir={out}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("error: tiktoken could not load the gpt2 BPE files (")
+    assert f"TIKTOKEN_CACHE_DIR is {empty})" in line
+    assert "seed-tiktoken-cache.sh DIR" in line
+    assert leftovers(out) == []

@@ -1,22 +1,25 @@
-"""Resume: a run of N steps equals a run of N/2 steps resumed to N."""
+"""Resume: a run interrupted at an arbitrary step (Ctrl-C, or killed), then resumed, ends as the
+uninterrupted run ends: the same step, weights, validation steps and losses."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from test_train import TINY_ARGS, tiny_cfg
 
+from slm.errors import CheckpointError, ConfigError
 from slm.prepare import prepare
 from slm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = 24
 
 
 @pytest.fixture(scope="module")
@@ -31,50 +34,26 @@ def data(tmp_path_factory):
     return d / "data", f"data.source={src}"
 
 
-class StopAt(L.Callback):
-    """Ctrl-C right after optimizer step ``step``."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
-
-
-def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch):
-    data_dir, source = data
-    args = [source, "data.val_fraction=0.1", "trainer.max_steps=8", "val_every_n_steps=4",
-            "optim.warmup_steps=2", "data.val_windows=8", "data.num_workers=2",
+def args_of(source, accumulate):
+    return [source, "data.val_fraction=0.1", f"trainer.max_steps={STEPS}", "val_every_n_steps=8",
+            "optim.warmup_steps=2", "data.val_windows=8", "data.batch_size=4",
+            f"trainer.accumulate_grad_batches={accumulate}",
             "trainer.log_every_n_steps=1"]  # fmt: skip
-    train(tiny_cfg(data_dir, tmp_path / "a", *args))
 
-    real_init = L.Trainer.__init__
 
-    def init(self, *a, callbacks=(), **k):
-        real_init(self, *a, callbacks=[*callbacks, StopAt(5)], **k)
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    """The reference run of each accumulation setting, trained once."""
+    runs = {}
 
-    monkeypatch.setattr(L.Trainer, "__init__", init)
-    with pytest.raises(SystemExit):
-        train(tiny_cfg(data_dir, tmp_path / "b", *args))
-    monkeypatch.setattr(L.Trainer, "__init__", real_init)
-    assert torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
-    train(tiny_cfg(data_dir, tmp_path / "b", *args, "ckpt_path=last"))  # finds b's last.ckpt
+    def get(accumulate):
+        if accumulate not in runs:
+            run = tmp_path_factory.mktemp(f"whole{accumulate}")
+            train(tiny_cfg(data[0], run, *args_of(data[1], accumulate)))
+            runs[accumulate] = run
+        return runs[accumulate]
 
-    a = torch.load(tmp_path / "a/checkpoints/last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
-    ha, hb = a["callbacks"]["RunHistory"], b["callbacks"]["RunHistory"]
-    assert [s for s, _ in hb["train"]] == list(range(8))
-    assert [v for _, v in hb["train"]] == pytest.approx([v for _, v in ha["train"]], rel=1e-5)
-    assert [s for s, _ in hb["val"]] == [s for s, _ in ha["val"]] == [0, 4, 8]
-    assert [v for _, v in hb["val"]] == pytest.approx([v for _, v in ha["val"]], rel=1e-5)
-    for k, w in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][k], w, rtol=1e-5, atol=1e-6)
-    for s in b["optimizer_states"][0]["state"].values():  # optimizer state resumed too
-        assert s["step"].item() == 8
-    ma, mb = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in "ab")
-    assert mb["steps"] == ma["steps"] == 8 and mb["tokens_seen"] == ma["tokens_seen"]
-    assert mb["final_val_loss"] == pytest.approx(ma["final_val_loss"], rel=1e-5)
+    return get
 
 
 def _step_of(path):
@@ -84,40 +63,102 @@ def _step_of(path):
         return -1
 
 
-def test_sigkill_resumes_from_last_checkpoint(data, tmp_path):
-    data_dir, source = data
-    run = tmp_path / "run"
-    args = [
-        source,
-        "data.val_fraction=0.1",
-        "val_every_n_steps=2",
-        "data.val_windows=4",
-        "optim.warmup_steps=2",
-        "trainer.log_every_n_steps=1",
-    ]
-    command = [sys.executable, "train.py", *TINY_ARGS, *args, "trainer.max_steps=400"]
-    proc = subprocess.Popen(
-        [*command, f"data.dir={data_dir}", f"hydra.run.dir={run}"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def interrupt(data_dir, args, run, how):
+    """Start `python train.py` and send it ``how`` at a random moment after step 8."""
+    command = [sys.executable, "train.py", *TINY_ARGS, *args, f"data.dir={data_dir}",
+               f"hydra.run.dir={run}"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while _step_of(last) < 4 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _step_of(last)
-    assert 4 <= killed_at < 400, "the run should have been killed mid-way"
-    assert not (run / "metrics.json").exists()  # it never got to write its outputs
+    deadline = time.time() + 180
+    while _step_of(last) < 8 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.3))
+    proc.send_signal(signal.SIGINT if how == "SIGINT" else signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    stopped_at = _step_of(last)
+    if how == "SIGINT":
+        assert proc.returncode == 1, err.decode()[-2000:]  # Lightning's graceful shutdown
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert (metrics["status"], metrics["steps"]) == ("interrupted", stopped_at)
+    if not 8 <= stopped_at < STEPS:
+        pytest.skip(f"the run was not interrupted mid-way (last.ckpt at step {stopped_at})")
+    return stopped_at
 
-    cfg = tiny_cfg(data_dir, run, *args, "trainer.max_steps=12", "ckpt_path=last")
-    if killed_at >= 12:
-        pytest.skip(f"the machine was too fast: killed at step {killed_at}")
-    train(cfg)
-    metrics = json.loads((run / "metrics.json").read_text())
-    history = torch.load(last, weights_only=True)["callbacks"]["RunHistory"]
-    assert metrics["steps"] == 12
-    assert [s for s, _ in history["train"]] == list(range(12))  # nothing lost, nothing twice
-    assert metrics["tokens_seen"] == 12 * 8 * 64
+
+@pytest.mark.parametrize(
+    "how, accumulate", [("SIGINT", 1), ("SIGINT", 2), ("SIGKILL", 2)]
+)  # fmt: skip
+def test_interrupted_run_resumes_exactly(data, uninterrupted, tmp_path, how, accumulate):
+    data_dir, source = data
+    args = args_of(source, accumulate)
+    run = tmp_path / "run"
+    stopped_at = interrupt(data_dir, args, run, how)
+    if how == "SIGKILL":
+        assert stopped_at in (8, 16)  # the last validation's last.ckpt
+    train(tiny_cfg(data_dir, run, *args, "ckpt_path=last"))  # resumes this run's last.ckpt
+
+    a = torch.load(uninterrupted(accumulate) / "checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert b["global_step"] == a["global_step"] == STEPS
+    ha, hb = a["callbacks"]["RunHistory"], b["callbacks"]["RunHistory"]
+    assert [s for s, _ in hb["train"]] == [s for s, _ in ha["train"]] == list(range(STEPS))
+    assert [v for _, v in hb["train"]] == pytest.approx([v for _, v in ha["train"]], rel=1e-5)
+    assert [s for s, _ in hb["val"]] == [s for s, _ in ha["val"]] == [0, 8, 16, 24]
+    assert [v for _, v in hb["val"]] == pytest.approx([v for _, v in ha["val"]], rel=1e-5)
+    for k, w in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], w, rtol=1e-5, atol=1e-6)
+    for s in b["optimizer_states"][0]["state"].values():  # optimizer state resumed too
+        assert s["step"].item() == STEPS
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        p.name for p in (uninterrupted(accumulate) / "checkpoints").iterdir()
+    )
+    ma, mb = (
+        json.loads((r / "metrics.json").read_text()) for r in (uninterrupted(accumulate), run)
+    )
+    assert mb["status"] == "completed" and mb["steps"] == STEPS
+    assert mb["tokens_seen"] == ma["tokens_seen"] == STEPS * accumulate * 4 * 64
+    assert mb["final_val_loss"] == pytest.approx(ma["final_val_loss"], rel=1e-5)
+
+
+def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path):
+    data_dir, source = data
+    ckpt = uninterrupted(1) / "checkpoints/last.ckpt"
+    args = [*args_of(source, 1), f"ckpt_path={ckpt}"]
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_cfg(data_dir, tmp_path / "a", *args, "trainer.max_steps=48"))
+    assert "max_steps: 24 -> 48" in str(e.value) and "allow_schedule_change=true" in str(e.value)
+    with pytest.raises(
+        CheckpointError, match=r"holds another model: model.n_layer=2 \(config: 3\)"
+    ):
+        train(tiny_cfg(data_dir, tmp_path / "b", *args, "model.n_layer=3"))
+    # Opted in: the run goes on from step 24 to 30 on the new schedule.
+    run = tmp_path / "c"
+    train(tiny_cfg(data_dir, run, *args, "trainer.max_steps=30", "allow_schedule_change=true"))
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 30
+
+
+def test_ckpt_path_last_looks_in_this_run_only(data, uninterrupted, tmp_path):
+    """Never another run's (or sweep job's) last.ckpt, even one in the same outputs tree."""
+    uninterrupted(1)
+    data_dir, source = data
+    run = tmp_path / "fresh"
+    with pytest.raises(ConfigError, match=f"ckpt_path=last: there is no {run}/checkpoints"):
+        train(tiny_cfg(data_dir, run, *args_of(source, 1), "ckpt_path=last"))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_signal_while_writing_outputs_is_held(tmp_path, monkeypatch):
+    """A Ctrl-C during write_outputs lands after both slm.pt and metrics.json are written."""
+    from slm import train as train_module
+
+    written = []
+
+    def slow_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the writing
+        written.append("slm.pt")
+        written.append("metrics.json")
+
+    monkeypatch.setattr(train_module, "write_outputs", slow_write)
+    with pytest.raises(KeyboardInterrupt), train_module.deferred_signals():
+        train_module.write_outputs()
+    assert written == ["slm.pt", "metrics.json"]

@@ -54,3 +54,34 @@ def test_experiment_config_composes():
     cfg = compose("train", ["experiment=small_lr_sweep"])
     assert cfg.model.n_embd == 384 and cfg.trainer.max_steps == 2000
     assert cfg.optim.min_lr <= cfg.optim.lr
+
+
+def test_sweep_survives_an_invalid_and_a_diverging_job(tmp_path):
+    """The first job is invalid (lr < 0), the third diverges (lr = 1e9): the good job still
+    runs, and sweep.csv has a row for each, the failures with their one-line reason."""
+    stories = [f"Ann had {n} apples. She shared them. The end." for n in range(200)]
+    src = tmp_path / "stories.txt"
+    src.write_text("\n<|endoftext|>\n".join(stories) + "\n")
+    prepare(str(src), tmp_path / "data", val_fraction=0.1)
+    sweep = tmp_path / "sweep"
+    args = [*TINY_ARGS, f"data.source={src}", f"data.dir={tmp_path / 'data'}",
+            "data.val_fraction=0.1", "trainer.max_steps=4", "val_every_n_steps=2",
+            "optim.warmup_steps=1", "trainer.log_every_n_steps=1", "optim.lr=-1,1e-3,1e9",
+            f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "train.py", "-m", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stdout + out.stderr
+    rows = list(csv.DictReader((sweep / "sweep.csv").open()))
+    assert [(r["job"], r["status"]) for r in rows] == [
+        ("0", "FAILED"), ("1", "COMPLETED"), ("2", "FAILED"),
+    ]  # fmt: skip
+    assert rows[0]["error"] == "optim.lr=-1 must be positive" and rows[0]["best_val_loss"] == ""
+    assert float(rows[1]["best_val_loss"]) < 11 and rows[1]["error"] == ""
+    assert rows[2]["error"].startswith("train/loss is nan at step") or rows[2]["error"].startswith(
+        "train/loss is inf at step"
+    )
+    failed = json.loads((sweep / rows[2]["dir"] / "metrics.json").read_text())
+    assert failed["status"] == "failed" and failed["error"].startswith("FloatingPointError")
+    assert "2 job(s) failed ([0, 2])" in out.stdout + out.stderr

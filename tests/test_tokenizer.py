@@ -9,6 +9,7 @@ import pytest
 import tiktoken
 
 from slm import tokenizer
+from slm.errors import SlmError
 
 STORIES = [
     "Once upon a time, there was a little dog named Max.",
@@ -87,3 +88,29 @@ def test_encode_stories_is_the_same_in_other_threads():
     assert [results[k] for k in range(3)] == [reference(STORIES)] * 3
     assert tokenizer.thread_encoding() is tokenizer.thread_encoding()  # one copy per thread
     assert tokenizer.thread_encoding() is not tokenizer.get_encoding()
+
+
+@pytest.fixture
+def offline_tiktoken(monkeypatch):
+    """tiktoken as it fails offline with an empty cache: a multi-line network error."""
+
+    def no_network(name):
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic...'): Max retries\nmore")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/empty/cache")
+    tokenizer.get_encoding.cache_clear()
+    yield
+    tokenizer.get_encoding.cache_clear()
+
+
+def test_no_bpe_files_offline_is_a_one_line_error(offline_tiktoken):
+    with pytest.raises(SlmError) as e:
+        tokenizer.encode("Once upon a time")
+    assert str(e.value) == (
+        "tiktoken could not load the gpt2 BPE files (ConnectionError: HTTPSConnectionPool("
+        "host='openaipublic...'): Max retries; TIKTOKEN_CACHE_DIR is /empty/cache); run once "
+        "online to cache them, or offline set TIKTOKEN_CACHE_DIR to a directory seeded with "
+        "vocab.bpe and encoder.json (bash ../shared/data/gpt2/seed-tiktoken-cache.sh DIR; see "
+        "Offline in the README)"
+    )

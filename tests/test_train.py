@@ -6,6 +6,7 @@ import math
 import os
 import re
 import signal
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -17,6 +18,8 @@ from slm.model import GPT, GPTConfig
 from slm.module import GPTModule
 from slm.prepare import DataError, prepare
 from slm.train import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 # model=tiny on CPU, small batches: a step takes ~0.1 s.
 TINY_ARGS = [
@@ -120,15 +123,17 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog)
 def test_run_history_starts_with_step0_val(small_dir, tmp_path):
     data, src = small_dir
     run = tmp_path / "run"
-    train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=8",
+    train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=7",
                    "val_every_n_steps=2", "optim.warmup_steps=1",
                    "trainer.log_every_n_steps=3"))  # fmt: skip
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 7
     history = ckpt["callbacks"]["RunHistory"]
-    assert [s for s, _ in history["val"]] == [0, 2, 4, 6, 8]
+    # From step 0, and at the last step too, though 7 is no multiple of val_every_n_steps.
+    assert [s for s, _ in history["val"]] == [0, 2, 4, 6, 7]
     assert history["val"][0][1] == pytest.approx(math.log(50257), abs=0.3)
     # The train loss is read from the device on logging steps only (no sync per step).
-    assert [s for s, _ in history["train"]] == [2, 5]
+    assert [s for s, _ in history["train"]] == [2, 5, 6]
 
 
 def test_non_finite_loss_stops_with_step(small_dir, tmp_path, monkeypatch):
@@ -216,6 +221,12 @@ def test_block_size_larger_than_split(small_dir, tmp_path):
         ("optim.warmup_steps=41", "warmup_steps=41 exceeds trainer.max_steps=40"),
         ("trainer.precision=16-mixed", "precision 16-mixed was asked for on cpu"),
         ("ckpt_path=/nope.ckpt", "ckpt_path=/nope.ckpt: no such checkpoint file"),
+        ("ckpt_path=last", "ckpt_path=last: there is no .*/run/checkpoints/last.ckpt"),
+        ("optim.lr=abc", "optim.lr=abc must be a number"),
+        ("+trainer.bogus=1", "trainer.bogus is not a lightning.Trainer argument"),
+        ("+trainer.val_check_interval=5", "use val_every_n_steps"),
+        ("+trainer.logger=false", "trainer.logger is set by slm's train"),
+        ("val_every_n_steps=0", "val_every_n_steps=0 must be a positive integer"),
     ],
 )
 def test_invalid_config_fails_before_training(override, message, tmp_path):
@@ -242,3 +253,34 @@ def test_last_ckpt_follows_training_when_val_gets_worse(small_dir, tmp_path, mon
     assert ckpts == ["best-step2.ckpt", "last.ckpt"]
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
     assert torch.load(run / "slm.pt", weights_only=True)["step"] == 2  # the best weights
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("optim.lr=abc", "optim.lr=abc must be a number"),
+     ("+trainer.bogus=1", "trainer.bogus is not a lightning.Trainer argument")],
+)  # fmt: skip
+def test_cli_errors_are_one_line(tmp_path, override, message):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "train.py", *TINY_ARGS, override, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"error: {message}" in lines[0], lines
+    assert message in (tmp_path / "run" / "train.log").read_text()  # in the run's log too
+
+
+def test_short_runs_warm_up_without_an_error():
+    """The default warmup (auto) scales to runs shorter than 200 steps."""
+    from slm.config import validate
+
+    cfg = compose("train", ["trainer.max_steps=40"])
+    validate(cfg)
+    assert cfg.optim.warmup_steps == 4
+    cfg = compose("train", ["trainer.max_steps=5000"])
+    validate(cfg)
+    assert cfg.optim.warmup_steps == 200
