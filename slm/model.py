@@ -1,6 +1,8 @@
 """A GPT in plain PyTorch, after nanoGPT: token + learned position embeddings, pre-LN blocks of
 causal self-attention and a GELU MLP, a final LayerNorm and an ``lm_head`` tied to the token
-embedding. Generation can use a key/value cache (``KVCache``): one new position per step.
+embedding. Generation can use a key/value cache (``KVCache``): one new position per step,
+either through ``forward`` (the cache grows: attention over the filled part) or through
+``decode`` (shapes that never change, for ``torch.compile`` and CUDA graphs).
 
 The changes that won since GPT-2 are config choices (the defaults are GPT-2, so old
 checkpoints load unchanged): rotary positions (``positions="rope"``, RoFormer / Llama),
@@ -77,13 +79,16 @@ class GPTConfig:
 
 class KVCache:
     """Keys and values of every layer for ``batch`` sequences of up to ``block_size``
-    positions, allocated once; ``pos`` is how many positions are filled. With RoPE the keys
-    are stored rotated (at their cache slot's position)."""
+    positions, allocated once: ``k[layer]`` and ``v[layer]`` are (batch, n_head, block_size,
+    head_size); ``pos`` is how many positions are filled. With RoPE the keys are stored
+    rotated (at their cache slot's position). One tensor per layer, not one for all: a
+    compiled step that writes a slot of a graph input in place stays in place, where a slot
+    of a view (one layer of a stacked tensor) is written by copying the whole cache."""
 
     def __init__(self, config: GPTConfig, batch: int, device, dtype) -> None:
-        shape = (config.n_layer, batch, config.n_head, config.block_size, config.head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, config.n_head, config.block_size, config.head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
 
 
@@ -136,7 +141,14 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = RMSNorm(config.head_size)
         self.qk_norm = config.qk_norm
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope=None,
+        pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
@@ -146,11 +158,20 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # (cos, sin) of these T positions; keys are cached rotated
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, causal = None, True
-        if cache is not None:
+        if pos is not None:  # static decode (GPT.decode): one position at slot pos, T == 1
+            # Written by a position tensor and read over all block_size slots, masked to the
+            # filled ones: the same kernels and shapes at every step, so one compiled graph
+            # (and one CUDA graph) serves them all. The stale slots past pos are masked out.
+            cache.k[layer].index_copy_(2, pos, k)  # slot pos of every row and head
+            cache.v[layer].index_copy_(2, pos, v)
+            k, v = cache.k[layer], cache.v[layer]
+            mask = torch.arange(k.size(2), device=x.device)[None, :] <= pos  # (1, block_size)
+            causal = False
+        elif cache is not None:
             p = cache.pos
-            cache.k[layer, :, :, p : p + T] = k
-            cache.v[layer, :, :, p : p + T] = v
-            k, v = cache.k[layer, :, :, : p + T], cache.v[layer, :, :, : p + T]
+            cache.k[layer][:, :, p : p + T] = k
+            cache.v[layer][:, :, p : p + T] = v
+            k, v = cache.k[layer][:, :, : p + T], cache.v[layer][:, :, : p + T]
             if p > 0:  # queries at p..p+T-1 see every cached key up to their own position
                 causal = False
                 if T > 1:
@@ -201,8 +222,15 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, rope)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope=None,
+        pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, rope, pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -298,6 +326,24 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits[..., :V], loss
 
+    def decode(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, vocab_size) of one new token per sequence, ``idx`` (B, 1), at cache slot
+        ``pos`` (a (1,) long tensor, the same for every row), attending over the cache's
+        slots ``<= pos``. Tensors in, tensors out, with shapes that never depend on ``pos``:
+        compiled once, this step replays for every position. ``cache.pos`` is neither read
+        nor advanced (a Python int would be baked into a compiled graph): the caller keeps it.
+        Equal to ``forward(idx, cache=cache, last_only=True)`` up to float rounding."""
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = self.rope_cos[pos], self.rope_sin[pos]
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i, rope, pos)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return logits[:, -1, : self.config.vocab_size]
+
     def shift_cache(self, cache: KVCache, keep: int) -> None:
         """Keep the newest ``keep`` cached positions, moved to the front of the cache, and
         drop the rest: a context shift that keeps the cache (RoPE only).
@@ -315,11 +361,11 @@ class GPT(nn.Module):
         if not 0 <= keep <= cache.pos:
             raise ValueError(f"keep={keep} must be in [0, cache.pos={cache.pos}]")
         d = cache.pos - keep
-        if d:
-            # cos(-a) = cos(a), sin(-a) = -sin(a): rotate back by d positions.
-            k = apply_rope(cache.k[:, :, :, d : cache.pos], self.rope_cos[d], -self.rope_sin[d])
-            cache.k[:, :, :, :keep] = k
-            cache.v[:, :, :, :keep] = cache.v[:, :, :, d : cache.pos].clone()  # may overlap
+        # cos(-a) = cos(a), sin(-a) = -sin(a): rotate back by d positions.
+        cos, sin = self.rope_cos[d], -self.rope_sin[d]
+        for k, v in zip(cache.k, cache.v) if d else ():
+            k[:, :, :keep] = apply_rope(k[:, :, d : cache.pos], cos, sin)
+            v[:, :, :keep] = v[:, :, d : cache.pos].clone()  # the ranges may overlap
         cache.pos = keep
 
     def configure_optimizer(

@@ -47,6 +47,11 @@ def test_every_combination_shapes_causality_and_cache(knobs):
     parts = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:9], cache=cache)[0]]
     parts += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 16)]
     torch.testing.assert_close(torch.cat(parts, 1), logits, atol=1e-5, rtol=1e-5)
+    # the static step (GPT.decode): every cache slot read, masked to those <= pos
+    static = KVCache(model.config, 2, "cpu", torch.float32)
+    model(idx[:, :9], cache=static)
+    steps = [model.decode(idx[:, t : t + 1], torch.tensor([t]), static) for t in range(9, 16)]
+    torch.testing.assert_close(torch.stack(steps, 1), logits[:, 9:], atol=1e-5, rtol=1e-5)
 
 
 def test_defaults_are_gpt2():
@@ -173,6 +178,28 @@ def test_rope_cache_shift_equals_sliding_window_recompute(knobs, monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", banded)
     expected, _ = big(idx)
     torch.testing.assert_close(torch.cat(parts, 1), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("knobs", [{}, MODERN], ids=["gpt2", "modern"])
+def test_static_decode_masks_the_stale_slots(knobs):
+    """After a context shift (RoPE) or a refill (learned positions) the slots past ``pos``
+    still hold the keys of dropped tokens: ``GPT.decode`` reads all block_size slots, so only
+    its mask keeps them out. It must equal the growing cache, which never reads them."""
+    model = make(**knobs)
+    idx = torch.randint(0, BASE.vocab_size, (2, 27))
+    growing, static = (KVCache(model.config, 2, "cpu", torch.float32) for _ in range(2))
+    for cache in (growing, static):
+        model(idx[:, :16], cache=cache)  # full: block_size=16
+        if model.config.positions == "rope":
+            model.shift_cache(cache, 5)
+        else:
+            cache.pos = 0
+            model(idx[:, 11:16], cache=cache)
+    for t in range(16, 27):  # slots 5..15 are stale until this loop writes them
+        expected = model(idx[:, t : t + 1], cache=growing, last_only=True)[0][:, -1]
+        got = model.decode(idx[:, t : t + 1], torch.tensor([static.pos]), static)
+        static.pos += 1
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_shift_cache_needs_rope():
