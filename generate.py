@@ -2,7 +2,7 @@
 
     python generate.py ckpt=outputs/run/slm.pt
     python generate.py ckpt=PATH prompt="Once upon a time" max_new_tokens=200 \
-        temperature=0.8 top_k=200 top_p=0.95 num_samples=3 seed=1337 device=auto
+        temperature=0.8 top_k=200 top_p=0.95 num_samples=3 seed=1337 device=auto compile=auto
 
 Text goes to stdout (the first sample streams as it is produced; the others, generated in the
 same batch, follow when it is done), a summary and warnings to stderr. Bad arguments and bad
@@ -23,25 +23,28 @@ from omegaconf import DictConfig, OmegaConf
 from slm import tokenizer
 from slm.checkpoint import load_model
 from slm.errors import one_line
-from slm.sample import check_sampling, generate, resolve_device
+from slm.sample import check_sampling, generate, resolve_device, warm_up
 
 
-def validate(cfg: DictConfig) -> torch.device:
-    """The device to run on; ``ValueError`` (one line) for the first bad argument. Runs before
-    the checkpoint is read, so a typo fails at once."""
+def validate(cfg: DictConfig) -> tuple[torch.device, bool]:
+    """The device to run on and whether to compile the decode step; ``ValueError`` (one line)
+    for the first bad argument. Runs before the checkpoint is read, so a typo fails at once."""
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt in (None, ""):
         raise ValueError("ckpt is required: python generate.py ckpt=PATH (a slm.pt or .ckpt)")
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples)
     if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):
         raise ValueError(f"seed={cfg.seed} must be an integer, or null for a random draw")
-    return resolve_device(cfg.device)
+    if cfg.compile != "auto" and not isinstance(cfg.compile, bool):
+        raise ValueError(f"compile={cfg.compile} must be auto, true or false")
+    device = resolve_device(cfg.device)
+    return device, device.type == "cuda" if cfg.compile == "auto" else cfg.compile
 
 
 def run(cfg: DictConfig) -> int:
     """Generate as ``cfg`` says; the exit code."""
     out, err = sys.stdout, sys.stderr
     try:
-        device = validate(cfg)
+        device, compile = validate(cfg)
         model = load_model(cfg.ckpt, device)  # CheckpointError is a ValueError
         enc = tokenizer.get_encoding()  # an SlmError offline without the BPE files
     except ValueError as e:
@@ -70,6 +73,11 @@ def run(cfg: DictConfig) -> int:
         warnings.showwarning = lambda message, *args, **kwargs: print(
             f"warning: {message}", file=err
         )
+        compile_s = 0.0
+        if compile:  # before the text: the once-per-process cost apart from the decode rate
+            t0 = time.perf_counter()
+            warm_up(model, n)
+            compile_s = time.perf_counter() - t0
         header(0)
         out.write(prompt)
         out.flush()
@@ -85,6 +93,7 @@ def run(cfg: DictConfig) -> int:
                 num_samples=n,
                 generator=generator,
                 on_token=on_token,
+                compile=compile,
             )
         except KeyboardInterrupt:
             out.write("\n")
@@ -97,9 +106,10 @@ def run(cfg: DictConfig) -> int:
         out.write(prompt + tokenizer.decode(samples[i]) + "\n")
     out.flush()
     tokens = sum(len(s) for s in samples)
+    compiled = f", compiled (compile {compile_s:.1f} s, once per process)" if compile else ""
     print(
         f"{n} sample(s), {tokens} new tokens in {seconds:.2f} s "
-        f"({tokens / max(seconds, 1e-9):.1f} tokens/s) on {device}",
+        f"({tokens / max(seconds, 1e-9):,.1f} tokens/s) on {device}{compiled}",
         file=err,
     )
     return 0

@@ -27,6 +27,7 @@ from slm.sample import (
     load_checkpoint,
     load_model,
     resolve_device,
+    warm_up,
 )
 from slm.tokenizer import EOT_ID
 
@@ -178,6 +179,85 @@ def test_batch_of_prompts_equals_one_by_one(trained):
     assert len(a) == len(b)
     both = generate(trained, torch.tensor([a, b]), 30, temperature=0)
     assert both == [greedy(trained, a, 30), greedy(trained, b, 30)]
+
+
+# -- the compiled decode step (inductor on the CPU; CUDA graphs need a GPU) ----------------------
+# Each new (config, batch size) compiles for ~5-15 s on 2 CPU cores: the tests share batch 1
+# and batch 3 of the trained model and batch 1 of one RoPE model.
+
+
+def test_compiled_greedy_equals_eager_across_context_shifts(trained):
+    prompt = tokenizer.encode("Tom had a")
+    n = 100  # 5 context shifts (refills: learned positions)
+    compiled = greedy(trained, prompt, n, stop_token=None, compile=True)
+    assert compiled == greedy(trained, prompt, n, stop_token=None)
+    assert compiled == reference(trained, prompt, n)
+
+
+def test_compiled_with_rope_keeps_the_cache_across_shifts(monkeypatch):
+    """RoPE: the static cache is shifted in place (no refill) and the compiled step goes on."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, positions="rope"))
+    model.eval()
+    prompt = tokenizer.encode("Tom had a")
+    eager = greedy(model, prompt, 80, stop_token=None)  # 4 shifts
+    lengths, forward = [], model.forward
+
+    def spy(idx, *args, **kwargs):
+        lengths.append(idx.size(1))
+        return forward(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    assert greedy(model, prompt, 80, stop_token=None, compile=True) == eager
+    assert lengths == [3]  # the prefill; every other position is a compiled GPT.decode
+
+
+def test_compiled_long_prompt(trained):
+    prompt = tokenizer.encode(" ".join(["Ben had a dog."] * 12))
+    assert len(prompt) > BLOCK
+    with pytest.warns(UserWarning, match="keeping its last 32"):
+        out = greedy(trained, prompt, 40, stop_token=None, compile=True)
+    assert out == reference(trained, prompt, 40)
+
+
+def test_compiled_batch_with_samples_ending_at_different_steps(trained):
+    prompts = [tokenizer.encode(p) for p in ("was happy. The", "Mia and the", "Tom had a dog")]
+    eager = generate(trained, torch.tensor(prompts), 50, temperature=0)
+    assert [len(s) for s in eager] == [2, 7, 18]  # then EOT, at steps 3, 8 and 19
+    streamed = []
+    compiled = generate(
+        trained,
+        torch.tensor(prompts),
+        50,
+        temperature=0,
+        compile=True,
+        on_token=lambda i, t: streamed.append((i, t)),
+    )
+    assert compiled == eager
+    assert sorted(streamed) == sorted((i, t) for i, s in enumerate(eager) for t in s)
+
+
+def test_compiled_seeded_sampling_equals_eager(trained):
+    def sample(seed: int, compile: bool) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        prompt = tokenizer.encode("Lily had")
+        kw = dict(temperature=1.0, top_k=20, top_p=0.9, num_samples=3, stop_token=None)
+        return generate(trained, prompt, 60, generator=g, compile=compile, **kw)
+
+    first = sample(1337, compile=True)
+    assert first == sample(1337, compile=False) == sample(1337, compile=True)
+    assert first != sample(1338, compile=True)
+
+
+def test_compile_is_paid_once(trained):
+    """warm_up compiles the step for a batch size; later generate() calls, with any model of
+    the same config, compile nothing more (dynamo traces no new frame)."""
+    warm_up(trained, 1)
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    greedy(trained, tokenizer.encode("Sam had a"), 40, stop_token=None, compile=True)
+    other = GPT(CONFIG).eval()
+    greedy(other, tokenizer.encode("Sam had a"), 40, stop_token=None, compile=True)
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
 
 
 # -- sampling --------------------------------------------------------------------------------
@@ -425,6 +505,8 @@ def _cli():
         (["ckpt={pt}", "top_k=0"], "top_k=0"),
         (["ckpt={pt}", "seed=abc"], "seed=abc"),
         (["ckpt={pt}", "device=nope"], "device=nope"),
+        (["ckpt={pt}", "compile=maybe"], "compile=maybe must be auto, true or false"),
+        (["ckpt={pt}", "compile=1"], "compile=1 must be"),
         (["ckpt={bad}"], "not a PyTorch checkpoint"),
         (["ckpt={bad}", "top_k=0"], "top_k=0"),  # arguments are checked before the file
     ]
@@ -466,7 +548,17 @@ def test_cli_generates(ckpts, trained, capsys):
     out, err = capsys.readouterr()
     story = "Tom had a" + tokenizer.decode(greedy(trained, tokenizer.encode("Tom had a"), 200))
     assert out == f"--- sample 1/2 ---\n{story}\n--- sample 2/2 ---\n{story}\n"
-    assert "tokens/s" in err
+    assert "tokens/s" in err and "compile" not in err  # compile=auto: on CUDA only
+
+
+def test_cli_compiled(ckpts, trained, capsys):
+    overrides = [f"ckpt={ckpts['pt']}", "prompt=Tom had a", "temperature=0", "num_samples=3"]
+    assert _cli().run(compose("generate", overrides)) == 0
+    eager, _ = capsys.readouterr()
+    assert _cli().run(compose("generate", overrides + ["compile=true"])) == 0
+    out, err = capsys.readouterr()
+    assert out == eager
+    assert "tokens/s) on cpu, compiled (compile " in err and "s, once per process)" in err
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
