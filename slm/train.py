@@ -32,8 +32,8 @@ from slm.callbacks import (
     SyncFreeThroughputMonitor,
     ValidateAtEnd,
 )
-from slm.checkpoint import check_resume
-from slm.config import resolve_hardware, validate
+from slm.checkpoint import apply_init_from, check_resume
+from slm.config import model_overrides, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.module import GPTModule
@@ -122,6 +122,7 @@ def _in_multirun() -> bool:
 def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
     cfg = resolve_hardware(cfg)
+    init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
     check_trainer_args(dict(cfg.trainer))
     run_dir = run_dir_of(cfg)
@@ -140,6 +141,9 @@ def train(cfg: DictConfig) -> float:
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
+    if init is not None and not ckpt_path:  # a resume restores its own weights
+        module.model.load_state_dict(init.state_dict())  # the optimizer starts fresh
+        log.info("init_from=%s: starting from its weights", cfg.init_from)
     n = module.model.num_params()
     log.info(
         "model: %.2fM parameters (%.2fM non-embedding, %.2fM embedding)",
