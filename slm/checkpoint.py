@@ -119,7 +119,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
 
 
 def check_resume(
-    path: str | Path, model: dict, schedule: dict, allow_schedule_change: bool = False
+    path: str | Path,
+    model: dict,
+    schedule: dict,
+    allow_schedule_change: bool = False,
+    optimizer: str = "adamw",
 ) -> None:
     """Before Lightning restores the training checkpoint ``path``: it must hold the model that
     ``model`` (the ``model.*`` config) describes, and the learning-rate schedule ``schedule``
@@ -137,6 +141,12 @@ def check_resume(
         raise CheckpointError(
             f"ckpt_path={path} holds another model: {', '.join(changed)}; resume with the "
             "checkpoint's model settings"
+        )
+    trained_with = hp.get("optimizer", "adamw")
+    if trained_with != optimizer:
+        raise CheckpointError(
+            f"ckpt_path={path} was trained with optim={trained_with}, not optim={optimizer}: "
+            f"its optimizer state cannot go on in another; resume with optim={trained_with}"
         )
     changed = [f"{k}: {hp[k]} -> {v}" for k, v in schedule.items() if k in hp and hp[k] != v]
     if changed and not allow_schedule_change:

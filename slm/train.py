@@ -128,12 +128,14 @@ def train(cfg: DictConfig) -> float:
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path:
-        schedule = {k: cfg.optim[k] for k in ("lr", "min_lr", "warmup_steps")}
+        keys = ("lr", "min_lr", "warmup_steps", "muon_lr")
+        schedule = {k: cfg.optim[k] for k in keys if k in cfg.optim}
         check_resume(
             ckpt_path,
             model=dict(cfg.model),
             schedule={**schedule, "max_steps": cfg.trainer.max_steps},
             allow_schedule_change=cfg.get("allow_schedule_change", False),
+            optimizer=cfg.optim.get("name", "adamw"),
         )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
