@@ -1,8 +1,10 @@
-"""Checkpoint loading, in one place for train (resume), evaluate and generate.
+"""Checkpoint loading, in one place for train (resume, ``init_from``), evaluate and generate.
 
 ``slm.pt`` (``{"model_args", "model", "step"}``, written by training) and Lightning ``.ckpt``
 files both load as a ``GPTConfig`` and the GPT's state dict, with ``weights_only=True`` (only
-tensors and primitives are unpickled). Every problem is a one-line ``CheckpointError``.
+tensors and primitives are unpickled); so does a Hugging Face ``transformers`` directory of
+the families ``slm.export`` writes (``slm.export.read_hf``). Every problem is a one-line
+``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, open_dict
 
-from slm.errors import CheckpointError, first_line
+from slm.errors import CheckpointError, ConfigError, first_line
 from slm.model import GPT, GPTConfig
 
 
@@ -22,9 +25,12 @@ def read(path: str | Path) -> dict:
     """The dict inside a checkpoint file, loaded on the CPU with ``weights_only=True``."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file; pass ckpt= a slm.pt or a Lightning .ckpt")
+        raise CheckpointError(f"{path}: no such file; pass a slm.pt or a Lightning .ckpt")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass the slm.pt or a .ckpt file in it")
+        raise CheckpointError(
+            f"{path} is a directory (with no config.json of a transformers model); pass the "
+            "slm.pt or a .ckpt file in it"
+        )
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
             warnings.simplefilter("ignore", UserWarning)
@@ -46,10 +52,15 @@ def read(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """The model config and GPT state dict stored in an ``slm.pt`` or a Lightning ``.ckpt``.
+    """The model config and GPT state dict stored in an ``slm.pt``, a Lightning ``.ckpt`` or
+    a ``transformers`` directory (``config.json`` + safetensors).
 
     Only tensors and primitives are unpickled (``weights_only=True``)."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from slm.export import read_hf  # safetensors only where one is read (the hf extra)
+
+        return read_hf(path)
     obj = read(path)
     if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # slm.pt
         args, state = obj["model_args"], obj["model"]
@@ -108,7 +119,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
 
 
 def check_resume(
-    path: str | Path, model: dict, schedule: dict, allow_schedule_change: bool = False
+    path: str | Path,
+    model: dict,
+    schedule: dict,
+    allow_schedule_change: bool = False,
+    optimizer: str = "adamw",
 ) -> None:
     """Before Lightning restores the training checkpoint ``path``: it must hold the model that
     ``model`` (the ``model.*`` config) describes, and the learning-rate schedule ``schedule``
@@ -127,6 +142,12 @@ def check_resume(
             f"ckpt_path={path} holds another model: {', '.join(changed)}; resume with the "
             "checkpoint's model settings"
         )
+    trained_with = hp.get("optimizer", "adamw")
+    if trained_with != optimizer:
+        raise CheckpointError(
+            f"ckpt_path={path} was trained with optim={trained_with}, not optim={optimizer}: "
+            f"its optimizer state cannot go on in another; resume with optim={trained_with}"
+        )
     changed = [f"{k}: {hp[k]} -> {v}" for k, v in schedule.items() if k in hp and hp[k] != v]
     if changed and not allow_schedule_change:
         raise CheckpointError(
@@ -134,3 +155,33 @@ def check_resume(
             "would jump the learning rate; keep the run's values, or pass "
             "allow_schedule_change=true to go on with the new schedule from the checkpoint's step"
         )
+
+
+def apply_init_from(cfg: DictConfig, overrides: dict[str, str]) -> GPT | None:
+    """``init_from=PATH`` (a ``slm.pt``, a Lightning ``.ckpt`` or a ``transformers``
+    directory): its GPT, whose config replaces ``cfg.model`` (all but ``dropout``, a setting
+    of the training run). A ``model.*`` value set on the command line (``overrides``: key ->
+    the override, ``slm.config.model_overrides``) that differs is a one-line ``ConfigError``.
+    With ``ckpt_path`` too (resuming a run that started from ``init_from``), the weights
+    come from the checkpoint and only the config from ``init_from``."""
+    path = cfg.get("init_from")
+    if not path:
+        return None
+    try:
+        model = load_model(Path(str(path)).expanduser())
+    except CheckpointError as e:
+        raise CheckpointError(f"init_from={path}: {e}") from e
+    arch = {k: v for k, v in model.config.to_dict().items() if k != "dropout"}
+    clash = [
+        f"{overrides[k]} (init_from has {k}={arch[k]})"
+        for k in overrides
+        if k in arch and cfg.model.get(k) != arch[k]
+    ]
+    if clash:
+        raise ConfigError(
+            f"init_from={path} fixes the model, but {'; '.join(clash)}; drop the override "
+            "(only model.dropout may differ)"
+        )
+    with open_dict(cfg):
+        cfg.model.update(arch)
+    return model

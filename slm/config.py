@@ -111,6 +111,29 @@ def resolve_hardware(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def model_overrides() -> dict[str, str]:
+    """The ``model.*`` keys that this run's command line sets, each with the override that
+    sets it: ``model.KEY=VALUE`` itself, or a ``model=NAME`` / ``arch=NAME`` group choice for
+    every key of that group's file. Empty outside a Hydra app (a config composed in code)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except ValueError:  # not inside a Hydra app
+        return {}
+    keys: dict[str, str] = {}
+    for text in task:
+        key, _, value = text.lstrip("+~").partition("=")
+        if key.startswith("model."):
+            keys[key.removeprefix("model.")] = text
+        elif key in ("model", "arch") and (CONF_DIR / key / f"{value}.yaml").is_file():
+            from omegaconf import OmegaConf
+
+            for k in OmegaConf.load(CONF_DIR / key / f"{value}.yaml"):
+                keys.setdefault(str(k), text)
+    return keys
+
+
 def _choice(group: str) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig

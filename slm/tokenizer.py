@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import tiktoken
@@ -94,3 +96,84 @@ def encode_stories(stories: Sequence[str]) -> np.ndarray:
             pass
     chunks = (enc.encode_ordinary(s) + [EOT_ID] for s in stories)
     return np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.uint16)
+
+
+# -- the same tokenizer as Hugging Face files -----------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of the 256 byte values to printable characters, which byte-level BPE files
+    (``vocab.json``, ``merges.txt``) use to write tokens as text: printable Latin-1 bytes stand
+    for themselves, the others (controls, space) take the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    others = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable}
+    chars.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return dict(sorted(chars.items()))
+
+
+def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """The two tokens whose merge made ``token``: tiktoken's BPE run on ``token``'s bytes with
+    only the merges of lower rank (the lowest-ranked adjacent pair first), which stops at
+    exactly two parts for every token that the BPE can build."""
+    rank, parts = ranks[token], [bytes([b]) for b in token]
+    while True:
+        pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
+        best, i = min(pairs)
+        if best >= rank:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise SlmError(f"gpt2 token {token!r} (rank {rank}) is not a merge of two tokens")
+    return parts[0], parts[1]
+
+
+def save_hf_tokenizer(directory: str | Path, model_max_length: int) -> list[str]:
+    """Write the gpt2 encoding as the Hugging Face GPT-2 tokenizer files into ``directory``
+    (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``),
+    built from tiktoken's own ranks, so ``AutoTokenizer.from_pretrained`` encodes as tiktoken
+    does, ``<|endoftext|>`` included. Returns the names of the files written.
+
+    A token's id is its rank; a merge's priority is the rank of the token it makes, so the
+    merges, listed in rank order, make the BPE pick the same pair as tiktoken at every step."""
+    enc = get_encoding()
+    ranks: dict[bytes, int] = enc._mergeable_ranks
+    chars = bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[EOT] = EOT_ID
+    merges = [
+        " ".join(map(text, _last_merge(ranks, token)))
+        for token, _ in sorted(ranks.items(), key=lambda kv: kv[1])
+        if len(token) > 1
+    ]
+    special = {"content": EOT, "lstrip": False, "normalized": True, "rstrip": False}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model_max_length,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        # tiktoken decodes to the exact text; HF's clean-up would drop spaces before punctuation.
+        "clean_up_tokenization_spaces": False,
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "unk_token": EOT,
+        "added_tokens_decoder": {str(EOT_ID): {**special, "single_word": False, "special": True}},
+    }
+    directory = Path(directory)
+    files = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+        "special_tokens_map.json": json.dumps(
+            {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}, indent=2
+        )
+        + "\n",
+    }
+    for name, content in files.items():
+        (directory / name).write_text(content, encoding="utf-8")
+    return list(files)

@@ -32,8 +32,8 @@ from slm.callbacks import (
     SyncFreeThroughputMonitor,
     ValidateAtEnd,
 )
-from slm.checkpoint import check_resume
-from slm.config import resolve_hardware, validate
+from slm.checkpoint import apply_init_from, check_resume
+from slm.config import model_overrides, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.module import GPTModule
@@ -122,17 +122,20 @@ def _in_multirun() -> bool:
 def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
     cfg = resolve_hardware(cfg)
+    init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
     check_trainer_args(dict(cfg.trainer))
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path:
-        schedule = {k: cfg.optim[k] for k in ("lr", "min_lr", "warmup_steps")}
+        keys = ("lr", "min_lr", "warmup_steps", "muon_lr")
+        schedule = {k: cfg.optim[k] for k in keys if k in cfg.optim}
         check_resume(
             ckpt_path,
             model=dict(cfg.model),
             schedule={**schedule, "max_steps": cfg.trainer.max_steps},
             allow_schedule_change=cfg.get("allow_schedule_change", False),
+            optimizer=cfg.optim.get("name", "adamw"),
         )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
@@ -140,6 +143,9 @@ def train(cfg: DictConfig) -> float:
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
+    if init is not None and not ckpt_path:  # a resume restores its own weights
+        module.model.load_state_dict(init.state_dict())  # the optimizer starts fresh
+        log.info("init_from=%s: starting from its weights", cfg.init_from)
     n = module.model.num_params()
     log.info(
         "model: %.2fM parameters (%.2fM non-embedding, %.2fM embedding)",

@@ -131,6 +131,8 @@ def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path)
         CheckpointError, match=r"holds another model: model.n_layer=2 \(config: 3\)"
     ):
         train(tiny_cfg(data_dir, tmp_path / "b", *args, "model.n_layer=3"))
+    with pytest.raises(CheckpointError, match="trained with optim=adamw, not optim=muon"):
+        train(tiny_cfg(data_dir, tmp_path / "d", *args, "optim=muon"))
     # Opted in: the run goes on from step 24 to 30 on the new schedule.
     run = tmp_path / "c"
     train(tiny_cfg(data_dir, run, *args, "trainer.max_steps=30", "allow_schedule_change=true"))

@@ -176,9 +176,14 @@ def test_ctrl_c_finishes_the_step_and_leaves_outputs(small_dir, tmp_path, monkey
         real_init(self, *args, callbacks=[*callbacks, CtrlC()], **kwargs)
 
     monkeypatch.setattr(L.Trainer, "__init__", init)
-    with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits with status 1
-        train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1"))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # Python's own SIGINT handler, also where pytest runs in the background (SIG_IGN there).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown exits with status 1
+            train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1"))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["steps"], metrics["status"]) == (7, "interrupted")
