@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
+from slm import tokenizer
 from slm.errors import CheckpointError, ConfigError, first_line
 from slm.model import GPT, GPTConfig
+from slm.tokenizer import Tokenizer
 
 
 def read(path: str | Path) -> dict:
@@ -90,6 +92,12 @@ def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid stored model config: {e}") from e
     return config, state
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer the checkpoint ``path`` was trained with (``gpt2`` for every checkpoint
+    that does not embed another)."""
+    return tokenizer.gpt2()
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:

@@ -158,14 +158,20 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # (cos, sin) of these T positions; keys are cached rotated
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, causal = None, True
-        if pos is not None:  # static decode (GPT.decode): one position at slot pos, T == 1
+        if pos is not None:  # static decode (GPT.decode): row b at its own slot pos[b], T == 1
             # Written by a position tensor and read over all block_size slots, masked to the
             # filled ones: the same kernels and shapes at every step, so one compiled graph
             # (and one CUDA graph) serves them all. The stale slots past pos are masked out.
-            cache.k[layer].index_copy_(2, pos, k)  # slot pos of every row and head
-            cache.v[layer].index_copy_(2, pos, v)
+            # Cast into the cache's dtype: under CUDA autocast qk_norm's rms_norm returns
+            # float32 while the cache is bf16/fp16 (scatter_ refuses mixed dtypes).
+            slot = pos.view(B, 1, 1, 1).expand(B, self.n_head, 1, C // self.n_head)
+            cache.k[layer].scatter_(2, slot, k.to(cache.k[layer].dtype))
+            cache.v[layer].scatter_(2, slot, v.to(cache.v[layer].dtype))
             k, v = cache.k[layer], cache.v[layer]
-            mask = torch.arange(k.size(2), device=x.device)[None, :] <= pos  # (1, block_size)
+            # (B, 1, 1, block_size): each row sees its own filled slots
+            mask = (torch.arange(k.size(2), device=x.device)[None, :] <= pos[:, None])[
+                :, None, None
+            ]
             causal = False
         elif cache is not None:
             p = cache.pos
@@ -176,6 +182,10 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(p)
+        # A cache may hold another dtype than the activations (a bf16 cache under fp32
+        # activations): attend in the cache's, which costs a cast of the new queries only.
+        dtype = x.dtype
+        q = q.to(k.dtype)
         # Flash attention on GPUs; is_causal avoids materialising a mask in training.
         y = F.scaled_dot_product_attention(
             q,
@@ -185,7 +195,7 @@ class CausalSelfAttention(nn.Module):
             is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C).to(dtype)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -328,17 +338,19 @@ class GPT(nn.Module):
 
     def decode(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, vocab_size) of one new token per sequence, ``idx`` (B, 1), at cache slot
-        ``pos`` (a (1,) long tensor, the same for every row), attending over the cache's
-        slots ``<= pos``. Tensors in, tensors out, with shapes that never depend on ``pos``:
+        ``pos``: a (B,) long tensor, each row at its own slot (a server's rows are at different
+        positions), or (1,) for every row at the same one. Row b attends over its cache slots
+        ``<= pos[b]``. Tensors in, tensors out, with shapes that never depend on ``pos``:
         compiled once, this step replays for every position. ``cache.pos`` is neither read
         nor advanced (a Python int would be baked into a compiled graph): the caller keeps it.
         Equal to ``forward(idx, cache=cache, last_only=True)`` up to float rounding."""
+        pos = pos.expand(idx.size(0))  # (B,)
         x = self.transformer.wte(idx)
         rope = None
         if self.config.positions == "learned":
-            x = x + self.transformer.wpe(pos)
-        else:
-            rope = self.rope_cos[pos], self.rope_sin[pos]
+            x = x + self.transformer.wpe(pos)[:, None]
+        else:  # (B, 1, 1, head_size / 2): broadcast over heads
+            rope = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, rope, pos)
         logits = self.lm_head(self.transformer.ln_f(x))

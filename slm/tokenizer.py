@@ -75,6 +75,36 @@ def decode(ids: Sequence[int]) -> str:
     return get_encoding().decode(list(ids))
 
 
+class Tokenizer:
+    """Text <-> token ids, as every entry point needs it (generate, evaluate, serve): the
+    ``gpt2`` encoding here; a checkpoint carries the one it was trained with
+    (``slm.checkpoint.load_tokenizer``). ``<|endoftext|>`` in a text is plain text to
+    ``encode``; ``eot_id`` ends a story (and starts one from an empty prompt)."""
+
+    name: str = NAME
+    vocab_size: int = VOCAB_SIZE
+    eot_id: int = EOT_ID
+
+    def encode(self, text: str) -> list[int]:
+        return encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return decode(ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (a token can end inside a UTF-8 character: stream bytes)."""
+        return get_encoding().decode_single_token_bytes(token)
+
+    def encode_stories(self, stories: Sequence[str]) -> np.ndarray:
+        return encode_stories(stories)
+
+
+@functools.cache
+def gpt2() -> Tokenizer:
+    """The ``gpt2`` tokenizer (tiktoken)."""
+    return Tokenizer()
+
+
 def encode_stories(stories: Sequence[str]) -> np.ndarray:
     """Concatenated tokens of ``stories``, each followed by one EOT, as uint16.
 

@@ -54,6 +54,31 @@ def test_every_combination_shapes_causality_and_cache(knobs):
     torch.testing.assert_close(torch.stack(steps, 1), logits[:, 9:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_decode_with_a_position_per_row(positions):
+    """Rows at different cache slots in one step (a server's batch): row b at pos[b] gets the
+    logits of its own sequence's next position, and writes only its own slot."""
+    model = make(vocab_size=500, positions=positions, qk_norm=True)
+    idx = torch.randint(0, 500, (2, 16))
+    full, _ = model(idx)
+    static = KVCache(model.config, 2, "cpu", torch.float32)
+    model(idx[:, :9], cache=static)  # both rows filled up to slot 8
+    for t in range(9, 11):  # row 1 moves two slots ahead; row 0 rewrites its slot 9
+        model.decode(idx[:, t : t + 1], torch.tensor([9, t]), static)
+    got = model.decode(torch.stack([idx[0, 9], idx[1, 11]])[:, None], torch.tensor([9, 11]), static)
+    torch.testing.assert_close(got[0], full[0, 9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], full[1, 11], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_writes_activations_into_a_cache_of_another_dtype():
+    """fp32 keys (CUDA autocast runs qk_norm's rms_norm in fp32) into a bf16 cache."""
+    model = make(vocab_size=500, positions="rope", qk_norm=True)
+    idx = torch.randint(0, 500, (1, 8))
+    cache = KVCache(model.config, 1, "cpu", torch.bfloat16)
+    logits = model.decode(idx[:, :1], torch.tensor([0]), cache)
+    assert torch.isfinite(logits).all() and cache.k[0].dtype == torch.bfloat16
+
+
 def test_defaults_are_gpt2():
     assert (BASE.positions, BASE.norm, BASE.mlp) == ("learned", "layernorm", "gelu")
     assert not BASE.qk_norm and BASE.tie_embeddings

@@ -114,3 +114,15 @@ def test_no_bpe_files_offline_is_a_one_line_error(offline_tiktoken):
         "vocab.bpe and encoder.json (bash ../shared/data/gpt2/seed-tiktoken-cache.sh DIR; see "
         "Offline in the README)"
     )
+
+
+def test_tokenizer_object_is_the_gpt2_encoding():
+    from slm.checkpoint import load_tokenizer
+
+    tok = tokenizer.gpt2()
+    text = "Once upon a time, Zoë said <|endoftext|> 🙂"
+    ids = tok.encode(text)
+    assert ids == tokenizer.encode(text) and tok.decode(ids) == text
+    assert b"".join(tok.token_bytes(t) for t in ids).decode() == text
+    assert (tok.name, tok.vocab_size, tok.eot_id) == ("gpt2", 50257, 50256)
+    assert load_tokenizer("any.pt") is tok  # checkpoints without an embedded tokenizer: gpt2
