@@ -151,6 +151,7 @@ def test_train_loss_is_the_mean_of_the_steps_micro_batches(tmp_path):
             with torch.no_grad():  # the weights this micro-batch trains with
                 self.losses.append(pl_module.model(*batch)[1].item())
 
+    torch.manual_seed(0)
     module = GPTModule(n_layer=1, n_head=1, n_embd=8, block_size=8, warmup_steps=1, max_steps=3)
     micro, logger = MicroLosses(), Recorder()
     trainer = L.Trainer(
@@ -163,7 +164,7 @@ def test_train_loss_is_the_mean_of_the_steps_micro_batches(tmp_path):
     logged = [m["train/loss"] for m, _ in logger.logged if "train/loss" in m]
     pairs = list(zip(micro.losses[::2], micro.losses[1::2]))
     assert logged == pytest.approx([(a + b) / 2 for a, b in pairs], rel=1e-6)
-    assert all(abs(a - b) > 1e-4 for a, b in pairs)  # so the last one alone is not the mean
+    assert max(abs(a - b) for a, b in pairs) > 1e-3  # so the last one alone is not the mean
 
 
 class RecordGroups(Callback):

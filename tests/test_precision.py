@@ -302,11 +302,12 @@ def test_training_validation_and_evaluation_under_cuda_autocast(
 
 class Overflow(L.Callback):
     """An inf in one gradient after the backward of micro-batch ``at`` (an fp16 overflow, where
-    GradScaler must find it); the weights and the loss scale around every optimizer step."""
+    GradScaler must find it); the weights, the optimizer's state (moments, momentum, step
+    counts) and the loss scale around every optimizer step."""
 
     def __init__(self, at: int):
         self.at, self.micro = at, 0
-        self.before, self.after, self.scales = [], [], []
+        self.before, self.after, self.scales, self.states = [], [], [], []
 
     def _weights(self, pl_module):
         return [p.detach().clone() for p in pl_module.parameters()]
@@ -315,6 +316,8 @@ class Overflow(L.Callback):
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self.before.append(self._weights(pl_module))
             self.scales.append(trainer.precision_plugin.scaler.get_scale())
+            state = trainer.optimizers[0].state.values()
+            self.states.append([t.clone() for s in state for t in s.values()])
 
     def on_after_backward(self, trainer, pl_module):
         if self.micro == self.at:
@@ -323,6 +326,8 @@ class Overflow(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.scales.append(trainer.precision_plugin.scaler.get_scale())
+        state = trainer.optimizers[0].state.values()
+        self.states.append([t.clone() for s in state for t in s.values()])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
@@ -346,8 +351,8 @@ def fit_fp16_steps(module, callbacks, steps=3, accumulate=1):
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_an_overflowed_fp16_step_is_skipped(optimizer, accumulate):
     """16-mixed with fused AdamW (alone, or beside Muon): an inf gradient in the first
-    micro-batch of step 1 skips that step (weights unchanged) and halves the loss scale; the
-    steps before and after train."""
+    micro-batch of step 1 skips that step (weights and optimizer state unchanged) and halves
+    the loss scale; the steps before and after train, and nothing turns NaN."""
     torch.manual_seed(0)
     module = GPTModule(**TINY, warmup_steps=1, max_steps=3, fused=True, optimizer=optimizer)
     spy = Overflow(at=accumulate)
@@ -356,6 +361,9 @@ def test_an_overflowed_fp16_step_is_skipped(optimizer, accumulate):
     for step, (before, after) in enumerate(zip(spy.before, spy.after)):
         unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
         assert unchanged == (step == 1), step
+    s1, s2, end = spy.states[1:]
+    assert len(s1) == len(s2) > 0 and all(torch.equal(a, b) for a, b in zip(s1, s2))
+    assert all(torch.isfinite(t).all() for t in end + spy.after[-1])
 
 
 def test_a_skipped_backward_is_not_unscaled():
