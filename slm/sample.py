@@ -132,11 +132,17 @@ def filter_logits(
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, _ = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
-        # Drop a token once the tokens before it already reach top_p; the first never is.
-        cut = sorted_logits.masked_fill(before >= top_p, float("inf")).amin(-1, keepdim=True)
+        sorted_logits, _ = torch.sort(logits, dim=-1)  # ascending: the least likely first
+        # The cut is decided on cumulative sums taken from the least likely token, in float64
+        # (MPS has none: float32 there): a float32 sum from the most likely one drifts by
+        # ~1e-5 over 50k probabilities, enough to put tokens on the wrong side of top_p.
+        dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+        tail = sorted_logits.to(dtype).softmax(-1).cumsum(-1)  # a token and every less likely
+        # Drop a token once the more likely ones reach top_p: once it and every less likely
+        # one hold at most 1 - top_p. The most likely token is always kept.
+        drop = tail <= 1 - top_p
+        drop[..., -1] = False
+        cut = sorted_logits.masked_fill(drop, float("inf")).amin(-1, keepdim=True)
         logits = logits.masked_fill(logits < cut, float("-inf"))
     return logits
 
@@ -179,6 +185,12 @@ def _decode_step(device: torch.device, compile: bool) -> Callable:
     if mode not in _COMPILED:
         _COMPILED[mode] = torch.compile(GPT.decode, mode=mode, fullgraph=True, dynamic=False)
     return _COMPILED[mode]
+
+
+def uses_static_cache(device: torch.device, compile: bool) -> bool:
+    """Whether ``generate`` decodes through the static cache (``GPT.decode``): when compiled,
+    and on CUDA also eager, where the growing cache plans its attention anew at every length."""
+    return compile or device.type == "cuda"
 
 
 def _static_cache(model: GPT, batch: int, device, dtype, compile: bool) -> KVCache:
@@ -298,7 +310,7 @@ def generate(
     try:
         with autocast:
             cache = decode = pos = None
-            if use_cache and (compile or device.type == "cuda"):  # the fast path
+            if use_cache and uses_static_cache(device, compile):  # the fast path
                 cache = _static_cache(model, n, device, dtype, compile)
                 decode = _decode_step(device, compile)
                 pos = torch.zeros(1, dtype=torch.long, device=device)

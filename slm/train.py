@@ -74,9 +74,10 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path.resolve())
 
 
-def build_module(cfg: DictConfig) -> GPTModule:
+def module_args(cfg: DictConfig) -> dict:
+    """``GPTModule``'s keyword arguments from the config."""
     o = cfg.optim
-    return GPTModule(
+    return dict(
         **cfg.model,
         lr=o.lr,
         min_lr=o.min_lr,
@@ -89,6 +90,10 @@ def build_module(cfg: DictConfig) -> GPTModule:
         optimizer=o.name,
         **{k: o[k] for k in ("muon_lr", "muon_momentum", "muon_weight_decay") if k in o},
     )
+
+
+def build_module(cfg: DictConfig) -> GPTModule:
+    return GPTModule(**module_args(cfg))
 
 
 def build_datamodule(cfg: DictConfig) -> TokenDataModule:
@@ -128,15 +133,7 @@ def train(cfg: DictConfig) -> float:
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path:
-        keys = ("lr", "min_lr", "warmup_steps", "muon_lr")
-        schedule = {k: cfg.optim[k] for k in keys if k in cfg.optim}
-        check_resume(
-            ckpt_path,
-            model=dict(cfg.model),
-            schedule={**schedule, "max_steps": cfg.trainer.max_steps},
-            allow_schedule_change=cfg.get("allow_schedule_change", False),
-            optimizer=cfg.optim.get("name", "adamw"),
-        )
+        check_resume(ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later

@@ -1,12 +1,15 @@
 """The callbacks' hot-path behaviour: nothing waits for the device on steps that log nothing."""
 
+import signal
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 from lightning.fabric.utilities.throughput import Throughput
 from test_precision import TINY, Tokens
 from torch.utils.data import DataLoader
 
-from slm.callbacks import RunHistory, SyncFreeThroughputMonitor
+from slm.callbacks import RunHistory, StopOnSignal, SyncFreeThroughputMonitor
 from slm.module import GPTModule
 
 
@@ -35,3 +38,18 @@ def test_throughput_clock_and_loss_are_read_on_logging_steps_only(monkeypatch, a
     assert [u["lengths"] for u in updates] == [u["samples"] * 16 for u in updates]
     assert [s for s, _ in history.train] == [3, 7, 11]
     assert history.tokens == 12 * accumulate * 4 * 16
+
+
+def test_stop_signal_is_announced_outside_the_handler(capsys):
+    """A print from the SIGINT handler, landing while the progress bar writes to stderr, raises
+    'RuntimeError: reentrant call': the handler only records the request; the next batch end
+    says it, once."""
+    stop = StopOnSignal("unused.ckpt")
+    stop._handler(signal.SIGINT, None)
+    assert stop.requested == signal.SIGINT and capsys.readouterr().err == ""
+    accumulating = SimpleNamespace(fit_loop=SimpleNamespace(_should_accumulate=lambda: True))
+    for _ in range(2):
+        stop.on_train_batch_end(accumulating, None, None, None, 0)
+    assert capsys.readouterr().err == (
+        "\nSIGINT: stopping after this optimizer step (again to stop at once)\n"
+    )

@@ -2,6 +2,7 @@
 uninterrupted run ends: the same step, weights, validation steps and losses."""
 
 import json
+import logging
 import os
 import random
 import signal
@@ -120,7 +121,7 @@ def test_interrupted_run_resumes_exactly(data, uninterrupted, tmp_path, how, acc
     assert mb["final_val_loss"] == pytest.approx(ma["final_val_loss"], rel=1e-5)
 
 
-def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path):
+def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path, caplog):
     data_dir, source = data
     ckpt = uninterrupted(1) / "checkpoints/last.ckpt"
     args = [*args_of(source, 1), f"ckpt_path={ckpt}"]
@@ -133,10 +134,26 @@ def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path)
         train(tiny_cfg(data_dir, tmp_path / "b", *args, "model.n_layer=3"))
     with pytest.raises(CheckpointError, match="trained with optim=adamw, not optim=muon"):
         train(tiny_cfg(data_dir, tmp_path / "d", *args, "optim=muon"))
-    # Opted in: the run goes on from step 24 to 30 on the new schedule.
+    # Opted in: the run goes on from step 24 to 30 on the new schedule (a higher lr too), with
+    # the new weight decay, and says what changed (and that the global batch did).
     run = tmp_path / "c"
-    train(tiny_cfg(data_dir, run, *args, "trainer.max_steps=30", "allow_schedule_change=true"))
-    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 30
+    caplog.set_level(logging.WARNING, logger="slm")
+    train(tiny_cfg(data_dir, run, *args, "trainer.max_steps=30", "allow_schedule_change=true",
+                   "optim.lr=6e-3", "optim.weight_decay=0.05", "data.batch_size=8"))  # fmt: skip
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 30
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [6e-3, 6e-3]
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-4])  # min_lr at max_steps
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert (
+        "resuming with optim.lr=0.006 (checkpoint: 0.003), optim.weight_decay=0.05 (checkpoint: "
+        "0.1), trainer.max_steps=30 (checkpoint: 24)"
+    ) in caplog.text
+    assert (
+        "resuming at a global batch of 8 sequences (data.batch_size=8 x 1 devices x accumulate "
+        "1), where the checkpoint's run trained at 4 (4 x 1 x 1)"
+    ) in caplog.text
 
 
 def test_ckpt_path_last_looks_in_this_run_only(data, uninterrupted, tmp_path):
