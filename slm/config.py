@@ -12,6 +12,7 @@ from slm.errors import ConfigError, override
 from slm.model import CHOICES
 from slm.optim import OPTIMIZERS
 from slm.precision import default_precision
+from slm.strategy import check_strategy
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -223,3 +224,4 @@ def validate(cfg: DictConfig) -> None:
     vw = cfg.data.val_windows
     if not (vw == "all" or (_is_number(vw, integer=True) and vw >= 1)):
         raise ConfigError(f"data.val_windows={vw} must be a positive integer or 'all'")
+    check_strategy(cfg)

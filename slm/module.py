@@ -12,6 +12,7 @@ from lightning.fabric.utilities.throughput import measure_flops
 
 from slm.model import GPT, GPTConfig
 from slm.optim import build_optimizer
+from slm.strategy import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,13 @@ class GPTModule(L.LightningModule):
         self.val_tokens_per_byte: float | None = None  # for val/bpb, from the data's meta.json
 
     def configure_model(self) -> None:
+        # strategy=fsdp (slm.strategy.FSDP) shards the GPT here, where Lightning's
+        # ModelParallelStrategy expects it: before the optimizer is built, so the optimizer
+        # holds the shards. FSDP2 keeps every parameter's name and full shape (a DTensor), so
+        # configure_optimizers splits the groups as on the unsharded model.
+        shard = getattr(self._trainer.strategy, "shard", None) if self._trainer else None
+        if shard is not None and not is_sharded(self.model):
+            shard(self.model)
         # Compile the GPT, not this LightningModule: Lightning's hooks and logging stay plain
         # Python around one graph for the GPT's forward and one for its backward. Only the
         # training and validation forward is compiled: generation (SampleStories, generate.py)
@@ -171,6 +179,11 @@ class GPTModule(L.LightningModule):
 
     def _zero_sum(self) -> torch.Tensor:
         return torch.zeros(2, device=self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Sharded (fsdp) or not (one device, ddp): the optimizer state's layout, which a
+        # resume must share (slm.checkpoint.check_resume).
+        checkpoint["strategy"] = "fsdp" if is_sharded(self.model) else "ddp"
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from slm.callbacks import (
@@ -32,12 +33,26 @@ from slm.callbacks import (
     SyncFreeThroughputMonitor,
     ValidateAtEnd,
 )
-from slm.checkpoint import apply_init_from, check_resume
+from slm.checkpoint import (
+    apply_init_from,
+    check_resume,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    read,
+)
 from slm.config import model_overrides, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.module import GPTModule
 from slm.precision import trainer_precision
+from slm.strategy import (
+    agree_on_start,
+    full_state_dict,
+    is_sharded,
+    launched_outside,
+    trainer_strategy,
+    world_size,
+)
 from slm.sweep import FailedJob
 
 log = logging.getLogger(__name__)
@@ -58,19 +73,31 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to resume: ``ckpt_path`` (``last``: this run dir's ``last.ckpt``), or,
+    in a job that SLURM requeued (preempted, or out of time under ``hydra/launcher=slurm``),
+    the ``last.ckpt`` its first run left. A checkpoint is a file, or a sharded folder."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    found = last.is_file() or is_sharded_checkpoint(last)
     if not ckpt_path:
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        if restarts.isdigit() and int(restarts) > 0 and found:
+            rank_zero_only(log.info)(
+                "SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming from %s", restarts, last
+            )
+            return str(last)
         return None
     if ckpt_path == "last":  # this run's own: another run's (or sweep job's) is never taken
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if not found:
             raise ConfigError(
                 f"ckpt_path=last: there is no {last}; resume in the run's own directory "
                 "(hydra.run.dir=outputs/DATE/TIME ckpt_path=last) or give ckpt_path=PATH"
             )
         return str(last)
     path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    if not (path.is_file() or is_sharded_checkpoint(path)):
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: no such checkpoint file (or sharded checkpoint folder)"
+        )
     return str(path.resolve())
 
 
@@ -104,14 +131,19 @@ def main(cfg: DictConfig) -> float:
     """``train.py``'s task: ``train(cfg)``, with a user's mistake or a divergence reported on
     one line. In a multirun sweep the job returns a ``FailedJob`` (a NaN that carries the
     reason) instead of exiting, so the sweep goes on with its other jobs and ``sweep.csv``
-    records this one as FAILED; a sweeper that minimizes (Optuna) sees a NaN, a failed trial."""
+    records this one as FAILED; a sweeper that minimizes (Optuna) sees a NaN, a failed trial.
+    A sweep that cannot work at all (``SweepError``) stops at its first job."""
     try:
         return train(cfg)
     except (SlmError, FloatingPointError) as e:
-        if not _in_multirun():
+        if not _in_multirun() or isinstance(e, SweepError):
             fail(e, log)
         log.error("error: %s", one_line(e))
         return FailedJob(one_line(e))
+
+
+class SweepError(ConfigError):
+    """A mistake in how a ``-m`` sweep is launched: every job would fail the same way."""
 
 
 def _in_multirun() -> bool:
@@ -124,16 +156,41 @@ def _in_multirun() -> bool:
         return False
 
 
-def train(cfg: DictConfig) -> float:
-    """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
+def check_start(cfg: DictConfig) -> tuple[object, Path, str | None]:
+    """Every check before training, each a one-line ``SlmError``: the config (filled in where
+    it says ``auto``), ``init_from``, the checkpoint to resume. Returns the ``init_from``
+    model (or None), the run dir and the checkpoint path (or None)."""
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
     check_trainer_args(dict(cfg.trainer))
+    if _in_multirun() and launched_outside(cfg) is None and (world_size(cfg) or 1) > 1:
+        # Lightning's launcher starts the other ranks by running this command again: the
+        # whole sweep, in every process.
+        raise SweepError(
+            f"trainer.devices={cfg.trainer.devices} (x {cfg.trainer.num_nodes} nodes) in a -m "
+            "sweep: Lightning would start the other ranks by running the whole sweep again; "
+            "sweep with trainer.devices=1, or give each job its own processes "
+            "(hydra/launcher=slurm)"
+        )
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path:
-        check_resume(ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False))
+        check_resume(
+            ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False), cfg.strategy.name
+        )
+    return init, run_dir, ckpt_path
+
+
+def train(cfg: DictConfig) -> float:
+    """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
+    start, error = None, None
+    try:
+        start = check_start(cfg)
+    except SlmError as e:
+        error = e
+    agree_on_start(cfg, error)  # under torchrun or srun: every rank stops if one failed
+    init, run_dir, ckpt_path = start
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
@@ -144,7 +201,7 @@ def train(cfg: DictConfig) -> float:
         module.model.load_state_dict(init.state_dict())  # the optimizer starts fresh
         log.info("init_from=%s: starting from its weights", cfg.init_from)
     n = module.model.num_params()
-    log.info(
+    rank_zero_only(log.info)(
         "model: %.2fM parameters (%.2fM non-embedding, %.2fM embedding)",
         n["total"] / 1e6, n["non_embedding"] / 1e6, n["embedding"] / 1e6,
     )  # fmt: skip
@@ -161,19 +218,19 @@ def train(cfg: DictConfig) -> float:
     # one (no monitor) rewrites last.ckpt at every validation, so a resume loses little.
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     history = RunHistory()
+    stop = StopOnSignal(str(ckpt_dir / "last.ckpt"))
     callbacks = [
         best,
         last,
         ValidateAtEnd(),  # first: the hooks after it see the last step as a logging step
         LearningRateMonitor(logging_interval="step"),
         # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
-        # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
         # The clock is read on logging steps: rates over the last 2 logging intervals.
         SyncFreeThroughputMonitor(
             batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(), window_size=3
         ),  # fmt: skip
         history,
-        StopOnSignal(str(ckpt_dir / "last.ckpt")),  # after history: its tokens are counted
+        stop,  # after history: its tokens are counted
         SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens),
     ]
     trainer_args = dict(cfg.trainer)
@@ -184,6 +241,7 @@ def train(cfg: DictConfig) -> float:
         every = max(1, trainer_args["log_every_n_steps"]) * trainer_args["accumulate_grad_batches"]
         callbacks.append(StepProgressBar(refresh_rate=every))
     trainer_args.update(trainer_precision(trainer_args.pop("precision"), cfg.trainer.accelerator))
+    trainer_args["strategy"] = trainer_strategy(cfg)
     trainer = L.Trainer(
         **trainer_args,
         logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
@@ -192,16 +250,17 @@ def train(cfg: DictConfig) -> float:
         num_sanity_val_steps=-1,  # a full validation before step 0: the curve's start
         use_distributed_sampler=False,  # each rank takes its own share (TokenDataModule)
     )
-    error: BaseException | None = None
+    error = None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except BaseException as e:
         error = e
         raise
     finally:
-        if trainer.is_global_zero:
+        # Sharded, the weights are gathered from every rank; rank 0 writes the files.
+        if trainer.is_global_zero or is_sharded(module.model):
             with deferred_signals():  # a Ctrl-C now must not leave slm.pt without metrics
-                write_outputs(run_dir, module, best, history, trainer, error)
+                write_outputs(run_dir, module, best, history, trainer, error, stop.stopped)
     score = best.best_model_score
     return float(score) if score is not None else math.nan
 
@@ -249,23 +308,39 @@ def write_outputs(
     history: RunHistory,
     trainer: L.Trainer,
     error: BaseException | None = None,
+    agreed_stop: bool = False,
 ) -> None:
     """``metrics.json`` always (with the run's status); ``slm.pt`` (best weights + model
     config) and ``loss.png`` once the run has made an optimizer step. A run that failed
-    before its first step leaves no weights that ``generate.py`` would take for a model."""
+    before its first step leaves no weights that ``generate.py`` would take for a model.
+
+    Rank 0 writes. With a sharded model every rank calls this: the full weights are gathered
+    from all of them, unless the best checkpoint has them (read by rank 0 alone) or the run
+    failed on its own (``error``, not a stop every rank agreed on: ``agreed_stop``, or a
+    divergence), when the other ranks may not be here to take part."""
     steps = trainer.global_step
     status, reason = run_status(error)
+    best_path = best.best_model_path
+    has_best = bool(best_path) and Path(best_path).exists()
+    state, best_step = None, steps
+    if steps > 0 and not has_best:
+        together = error is None or agreed_stop or isinstance(error, FloatingPointError)
+        if together or not is_sharded(module.model):
+            state = full_state_dict(module.model)
+    if not trainer.is_global_zero:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     if steps > 0:
-        state, best_step = module.model.state_dict(), steps
-        if best.best_model_path and Path(best.best_model_path).exists():
-            ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
-            state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-            best_step = ckpt["global_step"]
-        save_atomic(
-            {"model_args": module.config.to_dict(), "model": state, "step": best_step},
-            run_dir / "slm.pt",
-        )
+        if has_best:
+            _, state = load_checkpoint(best_path)
+            best_step = read(best_path)["global_step"]
+        if state is not None:
+            save_atomic(
+                {"model_args": module.config.to_dict(), "model": state, "step": best_step},
+                run_dir / "slm.pt",
+            )
+        else:
+            log.warning("no slm.pt: the sharded run failed on one rank before its first checkpoint")
         plot_losses(history, run_dir / "loss.png")
     vals = [v for _, v in history.val]
     seconds = history.wall_seconds
