@@ -17,7 +17,8 @@ Per level:
   and p99 over all requests;
 - speed-up: aggregate tokens/s over that of 1 client.
 
-A warm-up request runs first (the first request of a process pays for lazy initialisation).
+A warm-up round runs first (the most clients, 8 tokens each): the first requests of a process
+pay for lazy initialisation.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def main() -> None:
                 f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average before: "
                 f"{os.getloadavg()[0]:.2f}"
             )
-            stream_one(url, body | {"max_tokens": 8})  # warm-up
+            level(url, max(args.clients), 1, body | {"max_tokens": 8})  # warm-up
             base = None
             print(
                 "| clients | requests | tokens | aggregate tokens/s | speed-up | TTFT p50 | "
