@@ -659,7 +659,7 @@ def _chromium():
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
 
 
-def test_playground_streams_a_story(story, story_model, monkeypatch):
+def test_playground_streams_a_story(story, story_model, guarded, monkeypatch):
     url, engine = story
     browser = _chromium()
     decode = engine.decode
@@ -695,6 +695,10 @@ def test_playground_streams_a_story(story, story_model, monkeypatch):
         assert any(0 < len(s) < len(want) and want.startswith(s) for s in seen)  # streamed
         stats = browser.execute_script(js, "stats")
         assert "tokens/s" in stats and "finished: end of story" in stats, stats
+        assert browser.execute_script(js, "error") == ""
+        # With an API key: the browser sends the key it was given (Basic) with the page's calls.
+        browser.get(guarded[0].replace("http://", f"http://me:{KEY}@") + "/")
+        _wait(lambda: browser.execute_script(js, "model").startswith(M), 10, "the keyed model id")
         assert browser.execute_script(js, "error") == ""
     finally:
         browser.quit()
