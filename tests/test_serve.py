@@ -311,6 +311,40 @@ def test_engine_survives_a_failing_step(engine, monkeypatch):
     assert ok.text == expected(engine.model, "Once", 10, temperature=0)
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU rms_norm
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_engine_with_a_bf16_cache_under_cuda_like_autocast(positions, monkeypatch):
+    """The engine as it runs on a GPU: activations under autocast, a bf16 cache, and qk_norm's
+    rms_norm returning float32 as CUDA autocast does (CPU autocast does not: emulated). Every
+    write (prefill, decode, refill, shift, rows moving down) lands in the bf16 cache."""
+    rms_norm = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda *a, **kw: rms_norm(*a, **kw).float())
+    monkeypatch.setattr(
+        "slm.engine._precision",
+        lambda model, device: (torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16),
+    )
+    torch.manual_seed(3)
+    config = GPTConfig(
+        n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, positions=positions, qk_norm=True,
+        norm="rmsnorm",
+    )  # fmt: skip
+    engine = Engine(GPT(config).eval(), TOK, max_batch=4)
+    engine.start()
+    try:
+        assert {t.dtype for t in engine.cache.k + engine.cache.v} == {torch.bfloat16}
+        short, long = Collect(), Collect(2)
+        engine.submit(
+            [
+                Request(TOK.encode("Once upon"), 5, emit=short, temperature=0),
+                Request(TOK.encode("Tom had a"), 50, emit=long, temperature=1.0, seed=1, n=2),
+            ]
+        )  # the short one ends first: the long one's rows move down, then pass block_size
+        _wait(lambda: short.done and long.done, 60, "the requests")
+        assert short.tokens == [5] and long.tokens == [50, 50] and engine.peak_rows == 3
+    finally:
+        engine.close()
+
+
 def test_engine_queue_is_bounded(rope_model):
     engine = Engine(rope_model, TOK, max_batch=1, max_queue=2)  # not started: nothing runs
     make = lambda: Request([1, 2], 5, emit=lambda e: None)  # noqa: E731
