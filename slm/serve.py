@@ -293,9 +293,9 @@ async def read_json(request: Request, limit: int) -> Any:
             raise too_large
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         where = f" at line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else ""
-        reason = e.msg if hasattr(e, "msg") else "not UTF-8"
+        reason = getattr(e, "msg", "not UTF-8" if isinstance(e, UnicodeDecodeError) else "too deep")
         raise ApiError(
             400,
             f"The request body is not valid JSON ({reason}{where}); send a JSON object",

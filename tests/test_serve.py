@@ -518,7 +518,8 @@ M = "tiny-rope"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BAD = [
     (b'{"model": "tiny-rope", "prompt": ', 400, None, "not valid JSON"),
-    (b"\xff\xfe", 400, None, "not valid JSON"),
+    (b'{"model": "\xff"}', 400, None, "not valid JSON (not UTF-8"),
+    (b"[" * 1999, 400, None, "not valid JSON (too deep"),
     (b"[1, 2]", 400, None, "must be a JSON object, got list"),
     ({"prompt": "hi"}, 400, "model", "Missing required parameter: 'model'"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model", "The model 'gpt-4' does not exist"),
