@@ -1,7 +1,8 @@
 """Serving speed: 1, 4 and 8 concurrent streaming clients against ``python -m slm.serve``.
 
     python benchmarks/serve.py [--model small] [--clients 1 4 8] [--max-tokens 128] \
-        [--rounds 2] [--device auto] [--compile | --no-compile] [--threads N] [--greedy]
+        [--rounds 2] [--repeats 3] [--device auto] [--compile | --no-compile] [--threads N] \
+        [--greedy]
 
 The server runs in its own process (as a user runs it) on a randomly initialised model
 (``conf/model/<model>.yaml``, seed 1337: speed does not depend on the weights), saved to a
@@ -18,7 +19,8 @@ Per level:
 - speed-up: aggregate tokens/s over that of 1 client.
 
 A warm-up round runs first (the most clients, 8 tokens each): the first requests of a process
-pay for lazy initialisation.
+pay for lazy initialisation. The levels run ``--repeats`` times, interleaved, and each level's
+best run is reported (a shared machine only ever slows a run down).
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2, help="requests per client, back to back")
+    p.add_argument("--repeats", type=int, default=3, help="runs of every level; the best counts")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -173,13 +176,24 @@ def main() -> None:
                 f"{os.getloadavg()[0]:.2f}"
             )
             level(url, max(args.clients), 1, body | {"max_tokens": 8})  # warm-up
-            base = None
+            best: dict[int, dict] = {}
+            for repeat in range(args.repeats):  # levels interleaved: a busy spell hits them all
+                for clients in args.clients:
+                    r = level(url, clients, args.rounds, body)
+                    print(
+                        f"  run {repeat + 1}, {clients} clients: {r['tokens_per_s']:,.1f} tokens/s",
+                        flush=True,
+                    )
+                    if r["tokens_per_s"] > best.get(clients, {"tokens_per_s": 0})["tokens_per_s"]:
+                        best[clients] = r
             print(
+                f"best of {args.repeats}:\n"
                 "| clients | requests | tokens | aggregate tokens/s | speed-up | TTFT p50 | "
                 "TTFT max | token p50 | token p99 |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             )
+            base = None
             for clients in args.clients:
-                r = level(url, clients, args.rounds, body)
+                r = best[clients]
                 base = base or r["tokens_per_s"]
                 print(
                     f"| {clients} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:,.1f} | "
