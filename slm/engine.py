@@ -177,6 +177,9 @@ class Engine:
         self.cache = KVCache(config, max_batch, self.device, dtype)
         self.decode = _decode_step(self.device, compile)
         self.sizes = _buckets(max_batch) if compile else []
+        if compile:  # one graph per batch size: past dynamo's limit it would run eagerly
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, len(self.sizes) + 8)
         # A compiled step (a CUDA graph) reads and writes its cache at fixed addresses: one
         # view per batch size, made once, the same tensors at every step.
         self.views = {b: _rows(self.cache, 0, b) for b in self.sizes}

@@ -676,7 +676,8 @@ def main(argv: list[str] | None = None) -> None:
         file=sys.stderr,
         flush=True,
     )
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)  # Ctrl-C: streams still running get 5 s, then are cut
     try:
         server.run(sockets=[sock])
     finally:
