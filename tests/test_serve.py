@@ -14,6 +14,7 @@ import base64
 import json
 import random
 import shutil
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -272,9 +273,9 @@ def test_engine_cancel_frees_rows_before_the_next_step(engine):
     events = []
     steps = []
 
-    def cancel_at_5(event) -> None:
+    def cancel_at_5(event) -> None:  # from the engine's thread, between two steps
         events.append(event)
-        if event.tokens == 5:
+        if event.tokens >= 5 and not steps:
             engine.cancel(r)
             steps.append(engine.steps)
 
@@ -283,7 +284,7 @@ def test_engine_cancel_frees_rows_before_the_next_step(engine):
     _wait(lambda: engine.rows_in_use == 0 and steps, 10, "the rows to be freed")
     time.sleep(0.05)
     assert engine.steps == steps[0]  # no step ran after the cancel
-    assert [e.tokens for e in events] == [1, 2, 3, 4, 5]  # nothing after it either
+    assert events[-1].tokens == 5  # and no token came after it
 
 
 @pytest.mark.parametrize("engine", ["rope_model"], indirect=True)
@@ -644,12 +645,15 @@ def test_full_queue_429_and_a_disconnect_frees_the_rows(guarded, rope_model):
 
 def test_a_client_leaving_a_non_streaming_request_frees_its_rows(guarded):
     url, engine = guarded
-    steps = engine.steps
-    body = {"model": M, "prompt": "Once", "max_tokens": 100_000, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=httpx.Timeout(0.5))
-    assert engine.steps > steps  # it was decoding when the client left
-    _wait(lambda: _health(url)["running"] == 0, 5, "the rows to be freed")
+    body = json.dumps({"model": M, "prompt": "Once", "max_tokens": 100_000, "temperature": 0})
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall((head + body).encode())
+        _wait(lambda: _health(url)["running"] == 1, what="the request to run")
+    # The client has gone, with minutes of tokens to go: its row is freed at once.
+    _wait(lambda: _health(url)["running"] == 0, 5, "the row to be freed")
     steps = engine.steps
     time.sleep(0.1)
     assert engine.steps == steps
