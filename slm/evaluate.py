@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = stories.run(
             model, tok, held_out, cfg.stories, cfg.suite, out, cfg.judge, device=device
         )
-        print(f"wrote {result['openings']} openings' completions to {out}", file=sys.stderr)
+        n = sum(result[mode]["completions"] for mode in stories.MODES if mode in result)
+        print(f"wrote {n} completions of {result['openings']} openings to {out}", file=sys.stderr)
         return result
 
     d = cfg.data

@@ -9,8 +9,9 @@ The openings: ``stories`` held-out stories picked by ``suite.seed`` (the same fo
 checkpoint), each cut after its first sentence (or its first K words), as text, so that
 models with other tokenizers get the same ones. Each is completed greedily and
 ``suite.samples`` times by sampling, from ``<|endoftext|>`` + the opening (how every story
-starts in training), up to ``suite.max_new_tokens`` tokens (by default the model's
-``block_size``) or the end-of-text token.
+starts in training), until the end-of-text token, ``suite.max_new_tokens`` tokens or the
+end of the model's context window (``block_size`` tokens, the opening included), all the
+openings of a mode as one batch.
 
 The numbers (``summarize``; README, Story evaluation), per decoding mode:
 
@@ -36,6 +37,7 @@ TinyStories paper's criteria). Replies without the four scores are counted, not 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import http.client
 import json
@@ -58,9 +60,9 @@ import torch
 from omegaconf import DictConfig
 
 from slm.errors import ConfigError, DataError, SlmError, first_line, one_line
-from slm.model import GPT
+from slm.model import GPT, KVCache
 from slm.precision import inference_autocast
-from slm.sample import check_sampling, generate
+from slm.sample import _next_token, check_sampling  # generate()'s sampling, exactly
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class TokenStories(Sequence):
         self.tok = tok
         self.ids = np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else []
         ends = np.flatnonzero(np.asarray(self.ids) == tok.eot_id)
-        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        starts = np.concatenate([[0], ends + 1])[:-1].astype(np.int64)
         keep = ends > starts  # no empty stories
         self.starts, self.ends = starts[keep], ends[keep]
 
@@ -125,11 +127,8 @@ def split_opening(story: str, opening: str | int = "sentence") -> tuple[str, str
     first ``opening`` words, and the rest, so that the two add up to the story. None when
     nothing (no word) would be left to continue."""
     if opening == "sentence":
-        cut = next(
-            (m.end() for m in _SENTENCE_END.finditer(story) if not _ABBREVIATION.search(
-                story[: m.end()])),
-            None,
-        )  # fmt: skip
+        ends = (m.end() for m in _SENTENCE_END.finditer(story))
+        cut = next((e for e in ends if not _ABBREVIATION.search(story[:e])), None)
     else:
         tokens = list(_TOKEN.finditer(story))
         cut = tokens[opening - 1].end() if len(tokens) > opening else None
@@ -159,6 +158,7 @@ def pick_openings(
 # -- measures --------------------------------------------------------------------------------
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
+_UNIT = re.compile(r"[a-z0-9]+(?:'[a-z]+)*|\n|[^\sa-z0-9]")
 
 
 def words(text: str) -> list[str]:
@@ -166,34 +166,43 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower().replace("’", "'"))
 
 
-def ngrams(ws: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(ws[i:] for i in range(n))))
+def units(text: str) -> list[str]:
+    """What the n-grams of ``distinct_n`` and ``repeat_rate`` are made of: the words, each
+    punctuation mark and each line break (a model that loops on "\\n" or "!" repeats too)."""
+    return _UNIT.findall(text.lower().replace("’", "'"))
+
+
+def ngrams(seq: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return list(zip(*(seq[i:] for i in range(n))))
 
 
 def distinct_n(texts: Iterable[str], n: int) -> float | None:
-    """Distinct word n-grams / all word n-grams over ``texts`` together (None: no n-gram)."""
-    grams = [g for t in texts for g in ngrams(words(t), n)]
+    """Distinct n-grams / all n-grams of ``units`` over ``texts`` together (None: none)."""
+    grams = [g for t in texts for g in ngrams(units(t), n)]
     return len(set(grams)) / len(grams) if grams else None
 
 
 def repeat_rate(text: str, n: int = 4) -> float | None:
-    """The share of ``text``'s word n-grams that repeat an earlier one (None: no n-gram)."""
-    grams = ngrams(words(text), n)
+    """The share of ``text``'s n-grams of ``units`` that repeat an earlier one (None: none)."""
+    grams = ngrams(units(text), n)
     return 1 - len(set(grams)) / len(grams) if grams else None
 
 
 DETERMINERS = frozenset(
     "a an the his her their my your its our this that these those some every another".split()
 )
-# Skipped between a determiner and its noun ("a little red ball" -> ball).
+# Skipped between a determiner and its noun ("a little red ball" -> ball), as are the words
+# with an adjective's ending (``_ADJECTIVE_END``) before another word ("a clumsy rabbit").
 ADJECTIVES = frozenset(
     """little big small tiny huge old young new happy sad angry scared kind nice good bad best
     pretty beautiful shiny red blue green yellow pink purple orange brown black white gray grey
     gold golden long tall short fast slow soft hard warm cold hot dark bright fluffy funny silly
     brave friendly special favorite clever smart curious lonely great sunny magic magical
     colorful wise strong busy hungry sleepy lazy gentle cute wet dry clean dirty loud quiet
-    shy excited fun lovely sweet tasty yummy fancy rich poor sick tired proud""".split()
+    shy excited fun lovely sweet tasty yummy fancy rich poor sick tired proud very really so
+    too""".split()
 )
+_ADJECTIVE_END = re.compile(r"(?:y|ful|ous|ive|ish|less|al|ic|ed)$")
 # Never names, though capitalized at the start of a sentence; never nouns.
 FUNCTION_WORDS = frozenset(
     """i me he she it we they you him them us his her its our their my your mine yours
@@ -204,7 +213,13 @@ FUNCTION_WORDS = frozenset(
     suddenly finally first next last also too very just only again always never sometimes
     is are was were be been being am do does did done has have had can could will would
     shall should may might must let lets let's yes no oh wow hello hi bye please thank thanks
-    okay ok look come go see""".split()
+    okay ok look come go see named called""".split()
+)
+# Common verbs of TinyStories' first sentences: what follows a noun, never an adjective's noun.
+VERBS = frozenset(
+    """said saw went ran sat played looked wanted liked loved found got made took came lived
+    jumped walked lost gave told asked says sees goes runs sits plays looks wants likes loves
+    finds gets makes takes comes lives jumps walks loses gives tells asks""".split()
 )
 # Nouns that set a scene rather than name a thing to carry on ("once upon a time").
 FILLER_NOUNS = frozenset("time day night morning lot bit way while kind thing things".split())
@@ -216,8 +231,10 @@ def names_and_nouns(text: str) -> list[str]:
 
     - a name is a capitalized word that is no function word ("Lily", "Max", "Mom"; not
       "Once", "She", "The");
-    - a noun is the word after a determiner (a, the, his, ...), past up to three common
-      adjectives ("a little girl" -> girl), unless it is a function or filler word ("a time").
+    - a noun is the word after a determiner (a, the, his, ...), past up to three adjectives
+      (common ones, and words ending like one, -y, -ful, -ous, ..., before another word: "a
+      little girl" -> girl, "a clumsy rabbit" -> rabbit), unless it is a function or filler
+      word ("a time").
 
     Pronouns are not followed (a completion that says "she" for Lily does not carry Lily),
     and nouns without a determiner ("birds sang") are missed."""
@@ -229,12 +246,22 @@ def names_and_nouns(text: str) -> list[str]:
             found.append(w)
         elif low in DETERMINERS:
             j = i + 1
-            while j < len(tokens) and j - i <= 3 and tokens[j].lower() in ADJECTIVES:
+            while j + 1 < len(tokens) and j - i <= 3 and _adjective(tokens[j], tokens[j + 1]):
                 j += 1
             noun = tokens[j].lower() if j < len(tokens) else ""
-            if noun and tokens[j].islower() and noun not in FUNCTION_WORDS | FILLER_NOUNS:
+            if noun and tokens[j].islower() and noun not in FUNCTION_WORDS | VERBS | FILLER_NOUNS:
                 found.append(tokens[j])
     return list(dict.fromkeys(found))
+
+
+def _adjective(word: str, following: str) -> bool:
+    low = word.lower()
+    if low in ADJECTIVES:
+        return True
+    # A noun may follow ("a clumsy rabbit"), not a verb ("the puppy jumped").
+    noun = following.islower() and following not in FUNCTION_WORDS | VERBS
+    noun = noun and not following.endswith("ed")
+    return noun and bool(_ADJECTIVE_END.search(low)) and low not in FUNCTION_WORDS
 
 
 def _forms(word: str) -> set[str]:
@@ -284,52 +311,108 @@ class Settings:
     seed: int = 1337
 
     @classmethod
-    def from_cfg(cls, suite: DictConfig) -> Settings:
-        return cls(**{k: suite[k] for k in cls.__dataclass_fields__})
+    def from_cfg(cls, suite: DictConfig, block_size: int) -> Settings:
+        """``suite.*``; ``max_new_tokens`` null becomes ``block_size`` (the whole window)."""
+        s = cls(**{k: suite[k] for k in cls.__dataclass_fields__})
+        return dataclasses.replace(s, max_new_tokens=s.max_new_tokens or block_size)
 
 
-def _prompt(tok, opening: Opening) -> list[int]:
-    return [tok.eot_id, *tok.encode(opening.text)]  # a story starts after <|endoftext|>
+def _prompt(tok, opening: Opening, block_size: int) -> list[int]:
+    """``<|endoftext|>`` + the opening (a story starts after one in training), cut to its last
+    ``block_size - 1`` tokens so that one new token fits in the window."""
+    return [tok.eot_id, *tok.encode(opening.text)][-(block_size - 1) :]
+
+
+@torch.inference_mode()
+def complete_batch(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+    stop_token: int,
+) -> list[tuple[list[int], bool]]:
+    """``(new ids, ended)`` for prompts of any lengths, generated as one batch: each prompt is
+    prefilled into its own row of one KV cache, then every row takes one token a step through
+    ``GPT.decode`` at its own position (what its per-row ``pos`` is for), sampled as
+    ``slm.sample.generate`` samples. A row ends at ``stop_token`` (``ended``; not in its ids),
+    after ``max_new_tokens`` tokens, or when its context window (``block_size``) is full: no
+    context shift, so every token is written seeing the whole opening. Ended rows leave the
+    batch. (``generate`` takes prompts of one length only; grouping by length would make one
+    batch per length, most of them of one row.)"""
+    config, device = model.config, next(model.parameters()).device
+    T = config.block_size
+    autocast, dtype = inference_autocast(device)
+    dtype = dtype or next(model.parameters()).dtype
+    out: list[tuple[list[int], bool]] = [([], False) for _ in prompts]
+    limits = [min(max_new_tokens, T - len(p)) for p in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast:
+            cache = KVCache(config, len(prompts), device, dtype)
+            logits = []
+            for b, p in enumerate(prompts):  # prefill row b: a view of it as a cache of one
+                row = copy.copy(cache)
+                row.k, row.v = [k[b : b + 1] for k in cache.k], [v[b : b + 1] for v in cache.v]
+                row.pos = 0
+                idx = torch.tensor([list(p)], device=device)
+                logits.append(model(idx, cache=row, last_only=True)[0][:, -1])
+            logits = torch.cat(logits)
+            pos = torch.tensor([len(p) for p in prompts], device=device)  # each row's next slot
+            rows = list(range(len(prompts)))  # the prompt of each row still in the batch
+            while rows:
+                tok = _next_token(logits, temperature, top_k, top_p, generator)
+                alive = []
+                for j, (b, t) in enumerate(zip(rows, tok.tolist())):
+                    if t == stop_token:
+                        out[b] = (out[b][0], True)
+                        continue
+                    out[b][0].append(t)
+                    if len(out[b][0]) < limits[b]:
+                        alive.append(j)
+                if not alive:
+                    break
+                if len(alive) < len(rows):  # drop the ended rows from the batch
+                    keep = torch.tensor(alive, device=device)
+                    rows, tok, pos = [rows[j] for j in alive], tok[keep], pos[keep]
+                    cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
+                logits = model.decode(tok[:, None], pos, cache)
+                pos = pos + 1
+    finally:
+        model.train(was_training)
+    return out
 
 
 def complete(model: GPT, tok, openings: Sequence[Opening], s: Settings) -> list[dict]:
     """One record per completion: each opening greedily, then ``s.samples`` times sampled
-    (one seeded generator for the whole run), with the completion's measures. Openings of
-    the same length in tokens are generated as one batch."""
-    prompts = [_prompt(tok, o) for o in openings]
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
+    (one seeded generator for the whole run), with the completion's measures. All the
+    openings of a mode are one batch (``complete_batch``; ``MAX_BATCH`` rows at most)."""
+    prompts = [_prompt(tok, o, model.config.block_size) for o in openings]
     generator = torch.Generator().manual_seed(s.seed)
     modes = [("greedy", 1, 0.0)] + ([("sampled", s.samples, s.temperature)] if s.samples else [])
-    done: dict[tuple[str, int], list[list[int]]] = {}
-    for mode, copies, temperature in modes:
-        for length in sorted(by_length):
-            rows = [i for i in by_length[length] for _ in range(copies)]
-            for k in range(0, len(rows), MAX_BATCH):
-                chunk = rows[k : k + MAX_BATCH]
-                outs = generate(
-                    model, torch.tensor([prompts[i] for i in chunk]), s.max_new_tokens,
-                    temperature=temperature, top_k=s.top_k, top_p=s.top_p,
-                    generator=generator, stop_token=tok.eot_id,
-                )  # fmt: skip
-                for i, ids in zip(chunk, outs):
-                    done.setdefault((mode, i), []).append(ids)
     records = []
-    for mode, _, _ in modes:
-        for i, o in enumerate(openings):
-            for sample, ids in enumerate(done[mode, i]):
-                text = tok.decode(ids)
-                share, carried, dropped = carryover(o.text, text)
-                records.append({
-                    "opening_index": i, "story": o.story, "mode": mode, "sample": sample,
-                    "opening": o.text, "completion": text,
-                    # generate() stops at the end-of-text id without returning it: a
-                    # completion shorter than the limit is one that ended.
-                    "ended": len(ids) < s.max_new_tokens, "tokens": len(ids),
-                    "words": len(words(text)), "repeat_4gram": repeat_rate(text, 4),
-                    "carryover": share, "carried": carried, "dropped": dropped,
-                })  # fmt: skip
+    for mode, copies, temperature in modes:
+        rows = [(i, sample) for i in range(len(openings)) for sample in range(copies)]
+        done = []
+        for k in range(0, len(rows), MAX_BATCH):
+            chunk = [prompts[i] for i, _ in rows[k : k + MAX_BATCH]]
+            done += complete_batch(
+                model, chunk, s.max_new_tokens, temperature, s.top_k, s.top_p, generator,
+                tok.eot_id,
+            )  # fmt: skip
+        for (i, sample), (ids, ended) in zip(rows, done):
+            o, text = openings[i], tok.decode(ids)
+            share, carried, dropped = carryover(o.text, text)
+            records.append({
+                "opening_index": i, "story": o.story, "mode": mode, "sample": sample,
+                "opening": o.text, "completion": text, "ended": ended, "tokens": len(ids),
+                "limit": min(s.max_new_tokens, model.config.block_size - len(prompts[i])),
+                "words": len(words(text)), "repeat_4gram": repeat_rate(text, 4),
+                "carryover": share, "carried": carried, "dropped": dropped,
+            })  # fmt: skip
     return records
 
 
@@ -346,7 +429,7 @@ def continuation_loss(model: GPT, tok, openings: Sequence[Opening]) -> list[tupl
     out = []
     try:
         for o in openings:
-            head = _prompt(tok, o)
+            head = _prompt(tok, o, T)
             ids = (head + tok.encode(o.continuation) + [tok.eot_id])[: T + 1]
             n = len(ids) - len(head)
             if n <= 0:
@@ -761,9 +844,7 @@ def run(
     Returns the summary (``summarize``, plus the judge's, the settings and the timings).
     ``strict=False`` records a judge that fails in the summary (``judge.error``) instead of
     raising: what the end of a training run wants."""
-    s = Settings.from_cfg(suite)
-    if s.max_new_tokens is None:  # a story as long as the model's context window
-        s = dataclasses.replace(s, max_new_tokens=model.config.block_size)
+    s = Settings.from_cfg(suite, model.config.block_size)
     openings = pick_openings(stories, n, s.seed, s.opening)
     grader = rubric = judge_error = None
     if judge:  # loaded (or asked for its model) before the generation: a wrong one fails fast

@@ -5,6 +5,7 @@ server (a stub in the OpenAI format) and a tiny transformers model exported by s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -35,16 +36,19 @@ def suite_cfg(*overrides: str):
 
 
 def test_distinct_n_and_repeats_by_hand():
-    # LOOP: the dog ran x3 -> 9 words, 3 distinct; 8 bigrams, 3 distinct; 6 4-grams, 3 distinct.
-    assert st.words(LOOP) == ["the", "dog", "ran"] * 3
-    assert st.distinct_n([LOOP], 1) == pytest.approx(3 / 9)
-    assert st.distinct_n([LOOP], 2) == pytest.approx(3 / 8)
-    assert st.distinct_n([LOOP], 3) == pytest.approx(3 / 7)
-    assert st.repeat_rate(LOOP, 4) == pytest.approx(1 - 3 / 6)
-    # VARIED: 8 distinct words, no repeated 4-gram.
+    # LOOP: "the dog ran ." x3: 12 units (words and marks), 4 distinct; 11 bigrams, 4
+    # distinct; 10 trigrams, 4 distinct; 9 4-grams, 4 distinct.
+    assert st.units(LOOP) == ["the", "dog", "ran", "."] * 3
+    assert st.distinct_n([LOOP], 1) == pytest.approx(4 / 12)
+    assert st.distinct_n([LOOP], 2) == pytest.approx(4 / 11)
+    assert st.distinct_n([LOOP], 3) == pytest.approx(4 / 10)
+    assert st.repeat_rate(LOOP, 4) == pytest.approx(1 - 4 / 9)
+    # VARIED: 9 distinct units, no repeated 4-gram.
     assert st.distinct_n([VARIED], 1) == 1.0 and st.repeat_rate(VARIED) == 0.0
-    # Across completions: 17 words, "the" in both: 3 + 8 - 1 = 10 distinct.
-    assert st.distinct_n([LOOP, VARIED], 1) == pytest.approx(10 / 17)
+    # Across completions: 21 units, "the" and "." in both: 4 + 9 - 2 = 11 distinct.
+    assert st.distinct_n([LOOP, VARIED], 1) == pytest.approx(11 / 21)
+    # A loop of line breaks has no words, but repeats: 7 4-grams, 1 distinct.
+    assert st.words("\n" * 10) == [] and st.repeat_rate("\n" * 10) == pytest.approx(6 / 7)
     assert st.repeat_rate("too short") is None and st.distinct_n([""], 2) is None
     assert st.words("Don’t  go, Sam!") == ["don't", "go", "sam"]
 
@@ -59,6 +63,9 @@ def test_names_and_nouns_and_carryover_by_hand():
     assert st.carryover(OPENING, "She smiled.")[0] == 0.0
     assert st.carryover("It was sunny.", "It was sunny.") == (None, [], [])
     assert st.names_and_nouns("Tom and Sue saw the puppies.") == ["Tom", "Sue", "puppies"]
+    # An adjective's ending before a noun is skipped; not before a verb.
+    assert st.names_and_nouns("There was a clumsy rabbit.") == ["rabbit"]
+    assert st.names_and_nouns("The puppy jumped on a bed.") == ["puppy", "bed"]
     assert st.carryover("Tom saw the puppies.", "Tom had a puppy.")[0] == 1.0
 
 
@@ -141,6 +148,32 @@ def test_eot_and_length_counting():
         )  # "the the the ..." of m words: m - 3 4-grams, one distinct
         words = (12 + n_long) * (1 if mode == "greedy" else 2)
         assert summary[mode]["distinct_1"] == pytest.approx(1 / words)  # all "the"
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_ragged_batch_writes_what_generate_writes_for_each_opening(positions):
+    """All the openings in one batch, each at its own position (prefilled into its own cache
+    row, then GPT.decode per row), give the tokens of generate() on each opening alone."""
+    from slm.sample import generate
+
+    tok = gpt2()
+    torch.manual_seed(0)
+    # Untied: a random GPT with a tied lm_head repeats its last token.
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=20, tie_embeddings=False)
+    model = GPT(dataclasses.replace(config, positions=positions))
+    texts = ["Tom ran.", "Once upon a time, there was a cat named Sam.", "Lily had a big red ball."]
+    prompts = [[tok.eot_id, *tok.encode(t)] for t in texts]
+    free = st.complete_batch(model, prompts, 10, 0.0, None, None, None, stop_token=-1)
+    assert [len(ids) for ids, _ in free] == [10, 20 - len(prompts[1]), 10]  # the window ends
+    stop = free[1][0][2]  # the third token of row 1 as the stop: row 1 ends, leaving the batch
+    batch = st.complete_batch(model, prompts, 10, 0.0, None, None, None, stop_token=stop)
+    assert batch[1] == (free[1][0][: free[1][0].index(stop)], True)
+    for p, (ids, ended) in zip(prompts, batch):
+        room = min(10, 20 - len(p))  # no context shift: the window's end is a limit too
+        [alone] = generate(model, p, room, temperature=0, stop_token=stop)
+        assert ids == alone
+        assert ended == (len(ids) < room)
+    assert not all(ended for _, ended in batch)  # the others went on without row 1
 
 
 def test_continuation_loss_is_the_models_loss_on_the_true_rest():
