@@ -37,6 +37,7 @@ TinyStories paper's criteria). Replies without the four scores are counted, not 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import http.client
@@ -484,12 +485,20 @@ def flat(summary: dict) -> dict[str, float]:
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
     """The records, one JSON object a line, written whole (a temporary file, then renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot write the completions to {path} ({e.strerror}); choose another file "
+            "with stories_out=PATH"
+        ) from e
 
 
 def completions_path(ckpt: str | Path) -> Path:
@@ -862,7 +871,7 @@ def run(
         loss, _ = losses[r["opening_index"]]
         r["continuation_loss"] = None if math.isnan(loss) else loss
     summary = summarize(records, losses)
-    summary["settings"] = {**s.__dict__, "tokenizer": tok.name}
+    summary["settings"] = {**dataclasses.asdict(s), "tokenizer": tok.name}
     summary["generate_seconds"] = round(time.perf_counter() - t0, 3)
     out = Path(out)
     write_jsonl(out, records)  # the completions are kept, whatever the judge does

@@ -176,6 +176,29 @@ def test_ragged_batch_writes_what_generate_writes_for_each_opening(positions):
     assert not all(ended for _, ended in batch)  # the others went on without row 1
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_ragged_batch_under_cuda_like_autocast(monkeypatch):
+    """The GPU path on the CPU: bf16 autocast and a bf16 cache, with rms_norm returning
+    float32 as it does under CUDA autocast (CPU autocast does not): the prefill and the
+    decode steps write float32 keys into the bf16 cache rows."""
+    rms_norm = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda *a, **k: rms_norm(*a, **k).float())
+    bf16 = (torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16)
+    monkeypatch.setattr(st, "inference_autocast", lambda device: bf16)
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, norm="rmsnorm",
+                       qk_norm=True, positions="rope")  # fmt: skip
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    out = st.complete_batch(GPT(config), prompts, 12, 0.8, 50, None, None, stop_token=-1)
+    assert [len(ids) for ids, _ in out] == [12, 10]  # the window: 16 - 3, 16 - 6 -> at most 12
+
+
+def test_unwritable_completions_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"cannot write the completions to .* stories_out=PATH"):
+        st.write_jsonl(tmp_path / "file" / "s.jsonl", [{"a": 1}])
+
+
 def test_continuation_loss_is_the_models_loss_on_the_true_rest():
     tok = gpt2()
     torch.manual_seed(0)
