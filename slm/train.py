@@ -234,6 +234,9 @@ def story_suite(cfg: DictConfig, run_dir: Path, val_bin: Path, trainer: L.Traine
     except SlmError as e:  # e.g. no stories to take openings from: the training stands
         log.error("story suite: error: %s", one_line(e))
         summary = {"error": one_line(e)}
+    except KeyboardInterrupt:
+        log.warning("story suite interrupted: the run's outputs are complete, without it")
+        raise
     path = run_dir / "metrics.json"
     write_json(path, {**json.loads(path.read_text()), "stories": summary})
     scalars = {f"stories/{k}": v for k, v in stories.flat(summary).items()}

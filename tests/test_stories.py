@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -14,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from omegaconf import OmegaConf
 
 from slm import stories as st
 from slm.config import compose
@@ -28,8 +31,22 @@ VARIED = "Lily found a red ball in the park."
 OPENING = "Once upon a time, there was a little girl named Lily. She had a big red ball."
 
 
+@functools.cache
+def train_cfg():
+    return compose("train")
+
+
+def cfg_with(*overrides: str):
+    """The training config with ``key=value`` overrides (composed once: Hydra is slow)."""
+    cfg = train_cfg().copy()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=True)
+    return cfg
+
+
 def suite_cfg(*overrides: str):
-    return compose("train", list(overrides)).suite
+    return cfg_with(*overrides).suite
 
 
 # -- measures --------------------------------------------------------------------------------
@@ -234,7 +251,7 @@ def test_continuation_loss_is_the_models_loss_on_the_true_rest():
 )
 def test_check_names_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        st.check(compose("train", overrides))
+        st.check(cfg_with(*overrides))
 
 
 def test_rubric_needs_the_completion(tmp_path):
@@ -460,7 +477,7 @@ def test_local_transformers_judge(prepared, tmp_path):
     pt = {"model_args": config.to_dict(), "model": GPT(config).state_dict()}
     torch.save(pt, tmp_path / "judge.pt")
     judge_dir = export(tmp_path / "judge.pt", tmp_path / "judge")
-    st.check(compose("train", [f"judge={judge_dir}"]))
+    st.check(cfg_with(f"judge={judge_dir}"))
     judge = st.make_judge(str(judge_dir), suite_cfg("suite.judge_max_tokens=5"))
     prompt = st.judge_prompt(st.load_rubric(None), "Tom had a cat.", " It was black.")
     reply = judge.complete(prompt)
@@ -472,6 +489,6 @@ def test_local_transformers_judge(prepared, tmp_path):
     assert records[0]["judge"]["reply"] == judge.complete(
         st.judge_prompt(rubric, records[0]["opening"], records[0]["completion"])
     )  # the reply kept for reading
-    small = st.make_judge(str(judge_dir), suite_cfg("suite.judge_max_tokens=400"))
+    judge.max_tokens = 400
     with pytest.raises(ConfigError, match=r"do not fit its context of 640 tokens"):
-        small.complete(prompt)
+        judge.complete(prompt)
