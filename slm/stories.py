@@ -192,8 +192,9 @@ def repeat_rate(text: str, n: int = 4) -> float | None:
 DETERMINERS = frozenset(
     "a an the his her their my your its our this that these those some every another".split()
 )
-# Skipped between a determiner and its noun ("a little red ball" -> ball), as are the words
-# with an adjective's ending (``_ADJECTIVE_END``) before another word ("a clumsy rabbit").
+# Skipped between a determiner and its noun ("a little red ball" -> ball, "a three year old
+# girl" -> girl), as are the words with an adjective's ending (``_ADJECTIVE_END``) before
+# another word ("a clumsy rabbit").
 ADJECTIVES = frozenset(
     """little big small tiny huge old young new happy sad angry scared kind nice good bad best
     pretty beautiful shiny red blue green yellow pink purple orange brown black white gray grey
@@ -201,7 +202,7 @@ ADJECTIVES = frozenset(
     brave friendly special favorite clever smart curious lonely great sunny magic magical
     colorful wise strong busy hungry sleepy lazy gentle cute wet dry clean dirty loud quiet
     shy excited fun lovely sweet tasty yummy fancy rich poor sick tired proud very really so
-    too""".split()
+    too two three four five six seven eight nine ten year years""".split()
 )
 _ADJECTIVE_END = re.compile(r"(?:y|ful|ous|ive|ish|less|al|ic|ed)$")
 # Never names, though capitalized at the start of a sentence; never nouns.
