@@ -15,11 +15,11 @@ openings of a mode as one batch.
 
 The numbers (``summarize``; README, Story evaluation), per decoding mode:
 
-- ``distinct_n`` (n = 1, 2, 3): distinct word n-grams / all word n-grams, over all the
-  completions of the mode together (Li et al., 2016): low when the model says the same
-  things in every story.
-- ``repeat_4gram``: within a completion, the share of its word 4-grams that repeat an
-  earlier one, averaged over the completions: high when a story loops.
+- ``distinct_n`` (n = 1, 2, 3): distinct n-grams / all n-grams, over all the completions of
+  the mode together (Li et al., 2016), of words, punctuation marks and line breaks
+  (``units``): low when the model says the same things in every story.
+- ``repeat_4gram``: within a completion, the share of its 4-grams that repeat an earlier
+  one, averaged over the completions: high when a story loops (on words or on line breaks).
 - ``eot_rate``: the share of completions that end with ``<|endoftext|>`` within the token
   limit; ``words``: their mean length in words.
 - ``carryover``: the share of the opening's names and nouns (``names_and_nouns``: a plain
