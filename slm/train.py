@@ -2,7 +2,9 @@
 
 Kept apart from the ``@hydra.main`` entry (``train.py``) so tests and sweepers call it with a
 composed config. Fills the run directory with TensorBoard logs (``tb/``), ``checkpoints/``
-(best by ``val/loss`` and ``last.ckpt``), ``slm.pt``, ``loss.png`` and ``metrics.json``.
+(best by ``val/loss`` and ``last.ckpt``), ``slm.pt``, ``loss.png`` and ``metrics.json``, and,
+after a completed run, the story suite's completions of ``slm.pt`` (``slm.stories.jsonl``)
+with its numbers in ``metrics.json`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from slm import stories, tokenizer
 from slm.callbacks import (
     RunHistory,
     SampleStories,
@@ -38,6 +41,7 @@ from slm.checkpoint import (
     check_resume,
     is_sharded_checkpoint,
     load_checkpoint,
+    load_model,
     read,
 )
 from slm.config import model_overrides, resolve_hardware, validate
@@ -163,6 +167,7 @@ def check_start(cfg: DictConfig) -> tuple[object, Path, str | None]:
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
+    stories.check(cfg)  # the suite runs at the end: its settings are checked at the start
     check_trainer_args(dict(cfg.trainer))
     if _in_multirun() and launched_outside(cfg) is None and (world_size(cfg) or 1) > 1:
         # Lightning's launcher starts the other ranks by running this command again: the
@@ -261,8 +266,41 @@ def train(cfg: DictConfig) -> float:
         if trainer.is_global_zero or is_sharded(module.model):
             with deferred_signals():  # a Ctrl-C now must not leave slm.pt without metrics
                 write_outputs(run_dir, module, best, history, trainer, error, stop.stopped)
+    if cfg.stories and trainer.is_global_zero:
+        story_suite(cfg, run_dir, datamodule.dir / "val.bin", trainer)
     score = best.best_model_score
     return float(score) if score is not None else math.nan
+
+
+def story_suite(cfg: DictConfig, run_dir: Path, val_bin: Path, trainer: L.Trainer) -> None:
+    """The story suite (``slm.stories``) on ``slm.pt`` (the best weights), with ``stories``
+    openings of the held-out split: its numbers go into ``metrics.json`` (``"stories"``) and
+    TensorBoard (``stories/*``), the completions into ``slm.stories.jsonl``. A judge that
+    fails is recorded there (``stories.judge.error``); the run stays completed."""
+    ckpt = run_dir / "slm.pt"
+    if not ckpt.exists():
+        return
+    tok = tokenizer.gpt2()  # the training data's tokenizer
+    device = trainer.strategy.root_device
+    log.info("story suite: %d openings of %s, completed by %s", cfg.stories, val_bin, ckpt)
+    try:
+        summary = stories.run(
+            load_model(ckpt, device), tok, stories.TokenStories(val_bin, tok), cfg.stories,
+            cfg.suite, stories.completions_path(ckpt), cfg.judge, device=device, strict=False,
+        )  # fmt: skip
+    except SlmError as e:  # e.g. no stories to take openings from: the training stands
+        log.error("story suite: error: %s", one_line(e))
+        summary = {"error": one_line(e)}
+    except KeyboardInterrupt:
+        log.warning("story suite interrupted: the run's outputs are complete, without it")
+        raise
+    path = run_dir / "metrics.json"
+    write_json(path, {**json.loads(path.read_text()), "stories": summary})
+    scalars = {f"stories/{k}": v for k, v in stories.flat(summary).items()}
+    for logger in trainer.loggers:  # finalized by fit: log_metrics reopens, finalize flushes
+        logger.log_metrics(scalars, step=trainer.global_step)
+        logger.finalize("success")
+    log.info("story suite: %s", json.dumps(stories.flat(summary)))
 
 
 # Set by train() itself: a trainer.* override of one of these is a mistake.
@@ -356,9 +394,7 @@ def write_outputs(
         "wall_seconds": round(seconds, 3),
         "tokens_per_second": round(history.tokens / seconds, 1) if seconds else None,
     }
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, run_dir / "metrics.json")
+    write_json(run_dir / "metrics.json", metrics)
     log.info("wrote %s/{slm.pt,loss.png,metrics.json}: %s", run_dir, metrics)
 
 
@@ -377,6 +413,13 @@ def deferred_signals():
             signal.signal(s, handler)
         if received:
             raise KeyboardInterrupt
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as indented JSON, written whole (a temporary file, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def save_atomic(obj, path: Path) -> None:

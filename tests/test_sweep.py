@@ -31,6 +31,8 @@ def test_multirun_two_jobs_and_summary(tmp_path):
         "optim.warmup_steps=1",
         "optim.lr=1e-3,3e-3",
         f"hydra.sweep.dir={sweep}",
+        "stories=2",  # the story suite's numbers become columns
+        "suite.max_new_tokens=6",
     ]
     out = subprocess.run(
         [sys.executable, "train.py", "-m", *args], cwd=ROOT, capture_output=True, text=True
@@ -45,6 +47,14 @@ def test_multirun_two_jobs_and_summary(tmp_path):
         assert r["status"] == "COMPLETED"
         metrics = json.loads((sweep / r["dir"] / "metrics.json").read_text())
         assert float(r["best_val_loss"]) == metrics["best_val_loss"]
+        suite = metrics["stories"]
+        assert float(r["continuation_loss"]) == suite["continuation_loss"]
+        for mode in ("greedy", "sampled"):
+            for key in ("distinct_1", "distinct_2", "distinct_3", "repeat_4gram", "eot_rate",
+                        "words", "carryover"):  # fmt: skip
+                value = suite[mode][key]  # None (empty) where no completion had a word
+                assert r[f"{mode}_{key}"] == ("" if value is None else str(value)), (mode, key)
+            assert r[f"{mode}_judge_mean"] == ""  # no judge: empty columns
         assert (sweep / r["dir"] / "checkpoints" / "last.ckpt").exists()
     lrs = [OmegaConf.load(sweep / r["dir"] / ".hydra/config.yaml").optim.lr for r in rows]
     assert lrs == [1e-3, 3e-3]  # each job trained with its own value
