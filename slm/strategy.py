@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from datetime import timedelta
 
 import torch
@@ -144,6 +145,10 @@ class FSDP(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
+        # Two warnings that say nothing here: the GPT returns its logits as a view (never
+        # written in place), and last.ckpt is a folder that each validation rewrites.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+        warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
         super().setup_environment()
 
     def shard(self, model: nn.Module) -> None:
