@@ -78,8 +78,8 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     """The checkpoint to resume: ``ckpt_path`` (``last``: this run dir's ``last.ckpt``), or,
-    in a job that SLURM requeued (preempted, or out of time under ``hydra/launcher=slurm``),
-    the ``last.ckpt`` its first run left. A checkpoint is a file, or a sharded folder."""
+    in a job that SLURM requeued (preempted, or out of time under
+    ``hydra/launcher=submitit_slurm``), the ``last.ckpt`` its first run left. A checkpoint is a file, or a sharded folder."""
     last = run_dir / "checkpoints" / "last.ckpt"
     found = last.is_file() or is_sharded_checkpoint(last)
     if not ckpt_path:
@@ -176,7 +176,7 @@ def check_start(cfg: DictConfig) -> tuple[object, Path, str | None]:
             f"trainer.devices={cfg.trainer.devices} (x {cfg.trainer.num_nodes} nodes) in a -m "
             "sweep: Lightning would start the other ranks by running the whole sweep again; "
             "sweep with trainer.devices=1, or give each job its own processes "
-            "(hydra/launcher=slurm)"
+            "(hydra/launcher=submitit_slurm)"
         )
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)

@@ -85,7 +85,7 @@ def run(spec: dict, rank: int) -> dict:
             stack.enter_context(record_dtypes(seen))
         try:
             result["best"] = train(compose("train", overrides))
-        except (Exception, KeyboardInterrupt) as e:
+        except (Exception, KeyboardInterrupt, SystemExit) as e:  # Ctrl-C: Lightning exits
             result["error"] = f"{type(e).__name__}: {one_line(e)}"
     result["seconds"] = round(time.perf_counter() - t0, 2)
     last = Path(run_dir or ".") / "checkpoints" / "last.ckpt"

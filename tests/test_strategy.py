@@ -134,7 +134,7 @@ def cluster(data, one_process):
     ]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     for node, log in zip(nodes, logs):
-        assert node.returncode == 0, log[-4000:]
+        assert node.returncode == 0, log[-20000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     return ranks, run, "\n".join(logs)
 
@@ -177,13 +177,15 @@ def test_fsdp_trains_as_ddp_with_clipping_and_weight_decay(cluster):
     assert [s for s, _ in hb["val"]] == [0, 10, 20]
     assert [v for _, v in hb["val"]] == pytest.approx([v for _, v in ha["val"]], rel=1e-5)
     assert hb["val"][-1][1] < hb["val"][0][1] - 0.5  # it learns
-    assert_close_weights(weights(run["fsdp"]), weights(run["ddp"]), atol=1e-5)
+    # (the embedding's rows of tokens the data lacks get tiny gradients, which Adam scales up:
+    # the reductions' float rounding shows there first)
+    assert_close_weights(weights(run["fsdp"]), weights(run["ddp"]), atol=5e-5)
     assert torch.load(run["fsdp"] / "slm.pt", weights_only=True)["step"] == STEPS
     # rank 0 wrote the outputs once; the checkpoints are folders of both ranks' shards
     metrics = json.loads((run["fsdp"] / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["tokens_seen"] == STEPS * 16 * 32
     assert sorted(p.name for p in (run["fsdp"] / "checkpoints" / "last.ckpt").iterdir()) == [
-        "__0_0.distcp", "__1_0.distcp", "meta.pt",
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt",
     ]  # fmt: skip
     # SampleStories ran sharded, through the static decode step GPUs take: the same story
     assert sample_text(run["fsdp"]) == sample_text(run["ddp"])
@@ -211,7 +213,7 @@ def test_fsdp_resume_is_exact(cluster, kind):
     uninterrupted one, to the bit."""
     ranks, run, _ = cluster
     for r in ranks:
-        assert r[f"{kind}_stop"]["error"] == "KeyboardInterrupt: KeyboardInterrupt"
+        assert r[f"{kind}_stop"]["error"] == "SystemExit: 1"
         assert r[f"{kind}_resume"]["error"] is None
     assert ranks[0][f"{kind}_stop"]["last_step"] == 13
     last = run[kind] / "checkpoints" / "last.ckpt"
@@ -279,8 +281,11 @@ def test_the_model_does_not_depend_on_the_split(cluster, one_process):
         assert_close_weights(weights(one_process[name]), reference, atol=1e-5)
         va, vb = history(run["ddp"])["val"], history(one_process[name])["val"]
         assert [v for _, v in vb] == pytest.approx([v for _, v in va], abs=1e-5)
-    state = read(one_process["1x8x2"] / "checkpoints" / "last.ckpt")["datamodule_state_dict"]
+    # the checkpoint records the global batch, and this run's split of it
+    state = read(one_process["1x8x2"] / "checkpoints" / "last.ckpt")["TokenDataModule"]
     assert state == {"global_batch": 16, "batch_size": 8, "world_size": 1, "accumulate": 2}
+    state = read(run["ddp"] / "checkpoints" / "last.ckpt")["TokenDataModule"]
+    assert state == {"global_batch": 16, "batch_size": 8, "world_size": 2, "accumulate": 1}
 
 
 def test_dist_timeout_bounds_the_wait_for_a_missing_node(data, tmp_path, monkeypatch):
