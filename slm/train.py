@@ -79,7 +79,8 @@ def run_dir_of(cfg: DictConfig) -> Path:
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     """The checkpoint to resume: ``ckpt_path`` (``last``: this run dir's ``last.ckpt``), or,
     in a job that SLURM requeued (preempted, or out of time under
-    ``hydra/launcher=submitit_slurm``), the ``last.ckpt`` its first run left. A checkpoint is a file, or a sharded folder."""
+    ``hydra/launcher=submitit_slurm``), the ``last.ckpt`` its first run left. A checkpoint is
+    a file, or a sharded folder."""
     last = run_dir / "checkpoints" / "last.ckpt"
     found = last.is_file() or is_sharded_checkpoint(last)
     if not ckpt_path:
