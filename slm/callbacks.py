@@ -155,8 +155,8 @@ class StopOnSignal(L.Callback):
     SLURM warns a job ahead of its time limit or preemption with a signal (``--signal``) that a
     requeue handler listens to: submitit's (SIGUSR2, ``hydra/launcher=submitit_slurm``) or
     Lightning's SLURM auto-requeue (SIGUSR1). Where one is installed, its signal stops the run
-    the same way and then goes on to that handler, which requeues the job; the requeued job resumes from
-    this ``last.ckpt`` (``slm.train.resolve_ckpt_path``)."""
+    the same way and then goes on to that handler, which requeues the job; the requeued job
+    resumes from this ``last.ckpt`` (``slm.train.resolve_ckpt_path``)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     REQUEUE = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n))
