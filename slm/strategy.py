@@ -152,28 +152,35 @@ class FSDP(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, model: nn.Module) -> None:
-        """Shard ``model`` (a ``GPT``) in place: each Block is one FSDP unit (its weights are
-        gathered together, one Block at a time), the embeddings, final norm and ``lm_head``
-        the root's. Under ``bf16-mixed`` the gathered weights and the compute are bf16 while
-        the shards (the master weights the optimizer updates) and the gradient reduction stay
-        fp32 (FSDP2's ``MixedPrecisionPolicy``); Lightning's autocast still runs the norms,
-        softmax and loss in fp32 on CUDA."""
-        from torch.distributed.fsdp import (
-            MixedPrecisionPolicy,
-            fully_shard,
-            register_fsdp_forward_method,
-        )
+        """Shard ``model`` (a ``GPT``) in place over every rank (``shard_gpt``), in bf16 under
+        ``bf16-mixed``."""
+        bf16 = getattr(self.precision_plugin, "precision", None) == "bf16-mixed"
+        shard_gpt(model, self.device_mesh["data_parallel"], bf16, self.reshard_after_forward)
 
-        mesh = self.device_mesh["data_parallel"]
-        policy = MixedPrecisionPolicy()
-        if getattr(self.precision_plugin, "precision", None) == "bf16-mixed":
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        for block in model.transformer.h:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
-        # GPT.decode (generation's one-token step) is a forward too: gather for it as well.
-        register_fsdp_forward_method(model, "decode")
+
+def shard_gpt(model: nn.Module, mesh, bf16: bool = False, reshard_after_forward: bool = True):
+    """Shard ``model`` (a ``GPT``) in place with FSDP2 over ``mesh``: each Block is one unit
+    (its weights are gathered together, one Block at a time), the embeddings, final norm and
+    ``lm_head`` the root's. With ``bf16`` the gathered weights and the compute are bf16 while
+    the shards (the master weights the optimizer updates) and the gradient reduction stay
+    fp32 (FSDP2's ``MixedPrecisionPolicy``); Lightning's autocast still runs the norms,
+    softmax and loss in fp32 on CUDA."""
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    policy = MixedPrecisionPolicy()
+    if bf16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for block in model.transformer.h:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    # GPT.decode (generation's one-token step) is a forward too: gather for it as well.
+    register_fsdp_forward_method(model, "decode")
+    return model
 
 
 def is_sharded(model: nn.Module) -> bool:
