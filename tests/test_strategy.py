@@ -315,3 +315,38 @@ def test_start_errors_without_other_ranks_are_raised_as_they_are(data, tmp_path)
     with pytest.raises(ConfigError, match="boom"):
         agree_on_start(cfg, ConfigError("boom"))
     agree_on_start(cfg, None)
+
+
+def test_a_requeued_slurm_job_resumes_from_its_last_ckpt(tmp_path, monkeypatch):
+    """submitit (or Lightning) requeued the job: same command, same run dir, no ckpt_path; it
+    resumes from the last.ckpt its first run left, a file or a sharded folder."""
+    from slm.checkpoint import SHARDED_META
+    from slm.train import resolve_ckpt_path
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resolve_ckpt_path(None, tmp_path) is None  # nothing to resume yet: a fresh start
+    last.mkdir(parents=True)
+    (last / SHARDED_META).write_bytes(b"")
+    assert resolve_ckpt_path(None, tmp_path) == str(last)
+    assert resolve_ckpt_path("last", tmp_path) == str(last)  # a sharded folder is a last.ckpt
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert resolve_ckpt_path(None, tmp_path) is None  # the first run starts fresh
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["dist_timeout=0"], "dist_timeout=0 must be a positive number of minutes"),
+        (["trainer.strategy=fsdp"], "trainer.strategy=fsdp with strategy=ddp: the strategy"),
+        (["strategy=fsdp", "strategy.checkpoint=both"], "strategy.checkpoint=both is not one"),
+        (["strategy=fsdp", "trainer.precision=16-mixed"], "strategy=fsdp trains in bf16-mixed"),
+    ],
+)
+def test_strategy_settings_that_cannot_work_are_refused(data, tmp_path, overrides, message):
+    from slm.strategy import check_strategy
+
+    cfg = cfg_of(data, tmp_path, *overrides)
+    with pytest.raises(ConfigError) as e:
+        check_strategy(cfg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
