@@ -60,7 +60,7 @@ def free_port() -> int:
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("strategy")
     pets = ["cat", "dog", "bird", "fish"]
-    stories = [f"Story {i}: the {pets[i % 4]} ran home." for i in range(300)]
+    stories = [f"Story {i}: the {pets[i % 4]} ran home. It was happy." for i in range(300)]
     src = d / "stories.txt"
     src.write_text("\n<|endoftext|>\n".join(stories) + "\n")
     prepare(str(src), d / "data", val_fraction=0.1)
@@ -97,7 +97,8 @@ def cluster(data, one_process):
         {"name": "agree", "overrides": [*base, "ckpt_path=last"], "rank_overrides": {
             "0": [f"run_dir={one_process['1x16']}"], "1": [f"run_dir={run['empty']}"]}},
         job("ddp", base),
-        job("fsdp", fsdp, static_decode=True),  # SampleStories on the GPU's decode path
+        # SampleStories on the GPU's decode path; the story suite at the end, on rank 0 alone
+        job("fsdp", [*fsdp, "stories=1", "suite.max_new_tokens=4"], static_decode=True),
         job("sharded_stop", fsdp, "sharded", stop_at=13),
         job("sharded_resume", [*fsdp, "ckpt_path=last"], "sharded"),
         job("full_stop", full, "full", stop_at=13),
@@ -184,6 +185,7 @@ def test_fsdp_trains_as_ddp_with_clipping_and_weight_decay(cluster):
     # rank 0 wrote the outputs once; the checkpoints are folders of both ranks' shards
     metrics = json.loads((run["fsdp"] / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["tokens_seen"] == STEPS * 16 * 32
+    assert metrics["stories"]["openings"] == 1  # the suite, on slm.pt
     assert sorted(p.name for p in (run["fsdp"] / "checkpoints" / "last.ckpt").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt",
     ]  # fmt: skip
