@@ -35,7 +35,9 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
             + prepare_command(data_dir, None)
         )
     # The fix names the recorded source, so that the command says what it will read.
-    fix = prepare_command(data_dir, meta.get("source"), meta.get("val_fraction"))
+    fix = prepare_command(
+        data_dir, meta.get("source"), meta.get("val_fraction"), meta.get("max_stories")
+    )
     if meta.get("tokenizer") != tokenizer.NAME or meta.get("dtype") != "uint16":
         raise DataError(
             f"{data_dir}/meta.json is for tokenizer {meta.get('tokenizer')!r} "
@@ -156,17 +158,18 @@ class TokenDataModule(L.LightningDataModule):
         val_windows: int | str = 200,
         overwrite: bool = False,
         seed: int = 1337,
+        max_stories: int | None = None,
     ) -> None:
         super().__init__()
         self.dir, self.source = Path(dir).expanduser().resolve(), source
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.val_fraction, self.val_windows, self.overwrite = val_fraction, val_windows, overwrite
-        self.seed = seed
+        self.seed, self.max_stories = seed, max_stories
         self.n_tokens: dict[str, int] = {}
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node, before setup().
-        prepare(self.source, self.dir, self.val_fraction, self.overwrite)
+        prepare(self.source, self.dir, self.val_fraction, self.overwrite, self.max_stories)
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
@@ -178,6 +181,11 @@ class TokenDataModule(L.LightningDataModule):
                 )
             self.n_tokens[split] = n
         self.meta = read_meta(self.dir)
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: which data the run trains and validates on, so that a resume
+        on another ``data.dir`` is refused (``checkpoint.check_resume_data``)."""
+        return {"dir": str(self.dir)}
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         workers = self.num_workers

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.text:
         result = evaluate_text(model, str(cfg.text), d.batch_size)
     else:
-        prepare(d.source, d.dir, d.val_fraction, d.overwrite)  # a no-op when already prepared
+        # A no-op when already prepared.
+        prepare(d.source, d.dir, d.val_fraction, d.overwrite, d.get("max_stories"))
         result = evaluate(model, d.dir, d.batch_size)
     print(json.dumps(result))
     return result

@@ -551,6 +551,26 @@ def test_cli_generates(ckpts, trained, capsys):
     assert "tokens/s" in err and "compile" not in err  # compile=auto: on CUDA only
 
 
+def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, trained, capsys):
+    """A prompt longer than block_size: one warning, before the text, with the tokens and
+    characters kept; the stories continue from those tokens."""
+    prompt = "Ben had a dog. " * 12
+    ids = tokenizer.encode(prompt)
+    kept = tokenizer.decode(ids[-BLOCK:])
+    cfg = compose("generate", [f"ckpt={ckpts['pt']}", f'prompt="{prompt}"', "temperature=0",
+                               "num_samples=1", "max_new_tokens=8"])  # fmt: skip
+    assert _cli().run(cfg) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines()[0] == (
+        f"warning: the prompt has {len(ids)} tokens, more than the model's context "
+        f"(block_size={BLOCK}): the stories continue from its last {BLOCK} tokens only, "
+        f"{len(kept)} of its {len(prompt)} characters, from {kept[:24]!r}"
+    )
+    assert len(err.splitlines()) == 2  # and the summary line
+    story = tokenizer.decode(greedy(trained, ids[-BLOCK:], 8))
+    assert out == prompt + story + "\n"
+
+
 def test_cli_compiled(ckpts, trained, capsys):
     overrides = [f"ckpt={ckpts['pt']}", "prompt=Tom had a", "temperature=0", "num_samples=3"]
     assert _cli().run(compose("generate", overrides)) == 0

@@ -139,6 +139,28 @@ def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path)
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 30
 
 
+def test_resume_refuses_another_data_dir(data, uninterrupted, tmp_path):
+    """Another data.dir would switch the validation set under best_val_loss: one line, unless
+    allow_data_change=true."""
+    data_dir, source = data
+    ckpt = uninterrupted(1) / "checkpoints/last.ckpt"
+    other = tmp_path / "other"
+    prepare(source.removeprefix("data.source="), other, val_fraction=0.1)
+    args = [*args_of(source, 1), f"ckpt_path={ckpt}"]
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_cfg(other, tmp_path / "a", *args))
+    assert str(e.value) == (
+        f"ckpt_path={ckpt} was trained on data.dir={data_dir}, not {other}: the validation set "
+        "would change and best_val_loss would mix the two; resume with "
+        f"data.dir={data_dir}, or pass allow_data_change=true to go on with the new data"
+    )
+    assert not (tmp_path / "a").exists()
+    more = ["trainer.max_steps=26", "allow_schedule_change=true"]
+    train(tiny_cfg(other, tmp_path / "b", *args, *more, "allow_data_change=true"))
+    last = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 26 and last["TokenDataModule"] == {"dir": str(other)}
+
+
 def test_ckpt_path_last_looks_in_this_run_only(data, uninterrupted, tmp_path):
     """Never another run's (or sweep job's) last.ckpt, even one in the same outputs tree."""
     uninterrupted(1)
