@@ -478,12 +478,12 @@ def prepare(
     the hub, only that much is downloaded); None for all of them.
 
     ``source`` None stands for what ``data_dir`` holds (see ``resolve_source``), taken as it
-    was prepared (its ``val_fraction`` is not compared, nor ``max_stories`` where that is None).
-    A no-op when ``meta.json`` records this source, slice and tokenizer and the bins have the
-    sizes it records; a missing bin is
-    prepared again. Tokens of another source or tokenizer, bins with no or an unreadable
-    ``meta.json`` and bins of the wrong size are an error that says how to prepare the dir
-    again; with ``overwrite`` the dir is prepared again, whatever it holds, without reading it.
+    was prepared (its ``val_fraction`` is not compared, nor ``max_stories`` where that is
+    None). A no-op when ``meta.json`` records this source, slice and tokenizer and the bins
+    have the sizes it records; a missing bin is prepared again. Tokens of another source,
+    slice or tokenizer, bins with no or an unreadable ``meta.json`` and bins of the wrong size
+    are an error that says how to prepare the dir again; with ``overwrite`` the dir is
+    prepared again, whatever it holds, without reading it.
     """
     out = Path(data_dir).expanduser().resolve()
     if source:

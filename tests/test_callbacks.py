@@ -16,6 +16,7 @@ from slm.model import GPT, GPTConfig
 from slm.module import GPTModule
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_throughput_clock_and_loss_are_read_on_logging_steps_only(monkeypatch, accumulate):
     updates = []
@@ -99,6 +100,7 @@ class Recorder(Logger):
         pass
 
 
+@pytest.mark.slow
 def test_throughput_flops_mfu_and_time_to_max_steps_against_a_clock(monkeypatch, caplog):
     """Tokens/s, FLOPs/s and MFU of training and of validation against a clock and against
     measure_flops, one validation point per validation at its step; the time to max_steps
@@ -109,6 +111,13 @@ def test_throughput_flops_mfu_and_time_to_max_steps_against_a_clock(monkeypatch,
     )
     fake = FakeClock()
     monkeypatch.setattr(callbacks, "clock", fake)
+    reads, read = [], callbacks._clock  # where the clock is read after a sync (on a GPU)
+
+    def clock(trainer):
+        reads.append((trainer.global_step, "val" if trainer.validating else "train"))
+        return read(trainer)
+
+    monkeypatch.setattr(callbacks, "_clock", clock)
     caplog.set_level(logging.INFO, logger="slm")
     monitor = SyncFreeThroughputMonitor(
         lambda b: b[0].size(0), lambda b: b[0].numel(), window_size=3
@@ -161,3 +170,9 @@ def test_throughput_flops_mfu_and_time_to_max_steps_against_a_clock(monkeypatch,
         len(lines) == 1 and "0.5 s/step, 128 tokens/s; 7 steps to trainer.max_steps=12" in lines[0]
     )
     assert "2 validations of ~0.75 s: about 5 s (until about " in lines[0]
+    # Once the estimate is made, the clock waits for the device on logging steps only (every
+    # 2nd step), once as training resumes after a validation, and 3 times in a validation.
+    assert [r for r in reads if r[0] >= 6] == [
+        (6, "train"), (8, "train"), *[(8, "val")] * 3, (8, "train"), (10, "train"),
+        (12, "train"), *[(12, "val")] * 3,
+    ]  # fmt: skip

@@ -126,6 +126,7 @@ def test_export_computes_the_same_logits(exported, text_ids):
     assert (theirs - ours).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_generate_gives_the_same_tokens(exported, text_ids):
     model, out, _ = exported
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -168,6 +169,7 @@ def test_export_directory_holds_the_files(exported):
     assert not list(out.parent.glob(".hf.*"))  # no temporary directory left behind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("piece", ["v1_txt", "v2_txt"])
 def test_tokenizer_encodes_and_decodes_as_tiktoken(hf_tokenizer, piece, request):
     text = request.getfixturevalue(piece).read_text(encoding="utf-8")
@@ -227,6 +229,7 @@ def test_init_from_a_missing_path_is_one_line(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_train_starts_from_init_from_weights(tmp_path, small_stories_dir, monkeypatch):
     """train(cfg) with init_from: the first optimizer step starts from the source's weights
     (an exported directory), and the run's slm.pt has its config."""
@@ -256,6 +259,7 @@ def test_train_starts_from_init_from_weights(tmp_path, small_stories_dir, monkey
     assert saved["model_args"] == model.config.to_dict()
 
 
+@pytest.mark.slow
 def test_cli_init_from_conflict_is_one_line(gpt2_dir, tmp_path):
     out = gpt2_dir
     proc = subprocess.run(
@@ -315,6 +319,7 @@ def test_missing_and_foreign_checkpoints_are_one_line_and_write_nothing(tmp_path
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "slm.export", f"ckpt={tmp_path / 'nope.pt'}",

@@ -630,7 +630,7 @@ def leftovers(out: Path) -> list[str]:
 def small_batches(monkeypatch):
     """load_source in batches of 8 stories, so that a source is many batches."""
     real = P.load_source
-    monkeypatch.setattr(P, "load_source", lambda source, batch=0: real(source, batch=8))
+    monkeypatch.setattr(P, "load_source", lambda source, batch=0, **kw: real(source, 8, **kw))
 
 
 def test_encoder_failure_mid_stream_leaves_nothing(small_txt, tmp_path, monkeypatch, small_batches):
@@ -655,7 +655,7 @@ def test_interrupt_from_the_source_leaves_nothing(tmp_path, monkeypatch):
         yield make_stories(50)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(P, "load_source", lambda source, batch=0: {"train": [stories()], "val": []})
+    monkeypatch.setattr(P, "load_source", lambda *a, **k: {"train": [stories()], "val": []})
     out = tmp_path / "out"
     src = write_txt(tmp_path / "s.txt", ["x"])
     with pytest.raises(KeyboardInterrupt):
@@ -823,6 +823,7 @@ def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_prepares_and_prints_counts(small_txt, tmp_path):
     out = tmp_path / "out"
     r = run_cli(f"data.source={small_txt}", f"data.dir={out}", cwd=tmp_path)
@@ -839,6 +840,7 @@ def test_cli_prepares_and_prints_counts(small_txt, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_cli_missing_source_is_a_one_line_error(tmp_path):
     r = run_cli("data.source=/no/such/stories.txt", f"data.dir={tmp_path / 'out'}", cwd=tmp_path)
     assert r.returncode == 1
@@ -849,6 +851,7 @@ def test_cli_missing_source_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_suggested_command_works_pasted_into_a_shell(small_txt, tmp_path):
     out = tmp_path / 'Zoë\'s "best" café'
     prepare(str(small_txt), out)
@@ -867,6 +870,7 @@ def test_suggested_command_works_pasted_into_a_shell(small_txt, tmp_path):
     assert_bins(out, *expected_bins(make_stories(300), 0.01))
 
 
+@pytest.mark.slow
 def test_cli_unquoted_non_ascii_path_is_a_one_line_error_with_the_fix(tmp_path):
     src = write_txt(tmp_path / "Zoë's stories.txt", make_stories(300))
     r = run_cli(f"data.source={src}", f"data.dir={tmp_path / 'out'}", cwd=tmp_path)
@@ -882,6 +886,7 @@ def test_cli_unquoted_non_ascii_path_is_a_one_line_error_with_the_fix(tmp_path):
     assert_bins(tmp_path / "out", *expected_bins(make_stories(300), 0.01))
 
 
+@pytest.mark.slow
 def test_cli_without_the_bpe_files_offline_is_a_one_line_error(small_txt, tmp_path):
     """tiktoken downloads the BPE files on first use: offline with an empty cache, the error
     says how to get them (the proxy makes the download fail at once, never hang)."""

@@ -85,6 +85,7 @@ def interrupt(data_dir, args, run, how):
     return stopped_at
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "how, accumulate", [("SIGINT", 1), ("SIGINT", 2), ("SIGKILL", 2)]
 )  # fmt: skip
@@ -120,6 +121,7 @@ def test_interrupted_run_resumes_exactly(data, uninterrupted, tmp_path, how, acc
     assert mb["final_val_loss"] == pytest.approx(ma["final_val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path):
     data_dir, source = data
     ckpt = uninterrupted(1) / "checkpoints/last.ckpt"
@@ -139,6 +141,7 @@ def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path)
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 30
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_data_dir(data, uninterrupted, tmp_path):
     """Another data.dir would switch the validation set under best_val_loss: one line, unless
     allow_data_change=true."""
@@ -161,6 +164,7 @@ def test_resume_refuses_another_data_dir(data, uninterrupted, tmp_path):
     assert last["global_step"] == 26 and last["TokenDataModule"] == {"dir": str(other)}
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_looks_in_this_run_only(data, uninterrupted, tmp_path):
     """Never another run's (or sweep job's) last.ckpt, even one in the same outputs tree."""
     uninterrupted(1)

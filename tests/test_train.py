@@ -65,6 +65,7 @@ def small_dir(tmp_path_factory):
     return d / "data", str(src)
 
 
+@pytest.mark.slow
 def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="slm")
     run = tmp_path / "run"
@@ -129,6 +130,7 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_run_history_starts_with_step0_val(small_dir, tmp_path):
     data, src = small_dir
     run = tmp_path / "run"
@@ -145,6 +147,7 @@ def test_run_history_starts_with_step0_val(small_dir, tmp_path):
     assert [s for s, _ in history["train"]] == [2, 5, 6]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step(small_dir, tmp_path, monkeypatch):
     data, src = small_dir
     real = GPTModule.forward
@@ -176,6 +179,7 @@ class CtrlC(L.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_step_and_leaves_outputs(small_dir, tmp_path, monkeypatch):
     data, src = small_dir
     run = tmp_path / "run"
@@ -267,6 +271,7 @@ def test_invalid_config_fails_before_training(override, message, tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_last_ckpt_follows_training_when_val_gets_worse(small_dir, tmp_path, monkeypatch):
     """last.ckpt is refreshed at every validation, not only when val/loss improves."""
     data, src = small_dir
@@ -286,6 +291,7 @@ def test_last_ckpt_follows_training_when_val_gets_worse(small_dir, tmp_path, mon
     assert torch.load(run / "slm.pt", weights_only=True)["step"] == 2  # the best weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, message",
     [("optim.lr=abc", "optim.lr=abc must be a number"),
@@ -334,6 +340,7 @@ def test_gpu_sized_run_on_a_cpu_is_warned(tmp_path, caplog):
     assert "experiment=quickstart" in warning.getMessage()
 
 
+@pytest.mark.slow
 def test_a_run_dir_belongs_to_one_live_run(small_dir, tmp_path):
     """Two real train.py on one hydra.run.dir: the second stops with one line before writing
     anything there (not .hydra/, not train.log); the first one's lock dies with it."""
