@@ -73,7 +73,7 @@ def test_quick_start_trains_and_generates_as_written(quick_start_run, capsys):
     assert (metrics["status"], metrics["steps"]) == ("completed", 6)
     assert metrics["parameters"]["total"] < 10e6  # a model for a CPU
     log = (run / "train.log").read_text()
-    assert "model: 7.24M parameters" in log
+    assert "model: 7.23M parameters (0.79M non-embedding, 6.44M embedding)" in log
     assert "sized for a GPU" not in log  # the preset trains on a CPU in minutes
     assert (run / "slm.pt").is_file() and (run / "loss.png").is_file()
     [block] = code_blocks(section("Quick start"), "bash")[:1]
@@ -87,13 +87,31 @@ def test_quick_start_trains_and_generates_as_written(quick_start_run, capsys):
     assert out.startswith("--- sample 1/3 ---\nOnce upon a time") and "tokens/s" in err
 
 
+@pytest.fixture
+def tiny_run(tmp_path) -> Path:
+    """A run dir with the slm.pt of a model=tiny (GPT-2 family, 64 positions; untrained)."""
+    import torch
+
+    from slm.model import GPT, GPTConfig
+
+    config = GPTConfig(**compose("train", ["model=tiny"]).model)
+    run = tmp_path / "tiny-run"
+    run.mkdir()
+    state = GPT(config).state_dict()
+    torch.save({"model_args": config.to_dict(), "model": state, "step": 1}, run / "slm.pt")
+    return run
+
+
 @pytest.mark.slow
-def test_hugging_face_snippets_as_written(quick_start_run, tmp_path, monkeypatch, capsys):
-    """The export command and the transformers snippet (the README's and the model card's), on
-    the quick start's model (context 128): the prompt and its new tokens must fit in it."""
+@pytest.mark.parametrize("which", ["quick_start_run", "tiny_run"])
+def test_hugging_face_snippets_as_written(which, request, tmp_path, monkeypatch, capsys):
+    """The export command and the transformers snippet (the README's and the model card's) on
+    the quick start's model (Qwen 3, context 128) and on a model=tiny (GPT-2, 64 positions):
+    the prompt and its new tokens must fit in the context."""
     pytest.importorskip("transformers")
     from slm import export
 
+    run = request.getfixturevalue(which)
     share = section("Share to Hugging Face")
     lines = code_blocks(share, "bash")[0].splitlines()
     [args] = [
@@ -101,7 +119,7 @@ def test_hugging_face_snippets_as_written(quick_start_run, tmp_path, monkeypatch
         if argv[:3] == ["python", "-m", "slm.export"]
     ]  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    export.main([a.replace("outputs/DATE/TIME", str(quick_start_run)) for a in args])
+    export.main([a.replace("outputs/DATE/TIME", str(run)) for a in args])
     card = (tmp_path / "my-model" / "README.md").read_text()
     for where, text in [("README.md", share), ("my-model/README.md", card)]:  # and the card's
         [snippet] = code_blocks(text, "python")
