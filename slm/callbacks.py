@@ -334,13 +334,13 @@ class TimeToMaxSteps(L.Callback):
     come (and the clock time then).
 
     The first optimizer step of a run (or of a resumed run) is left out: it compiles and
-    starts the loader workers. The steps after it are timed for ``measure_seconds`` (the
-    clock read, after a sync, at each of them: a few seconds once per run), time spent
-    outside training left out. A validation is timed from the end of its first batch (which
-    compiles, on a GPU) to the end of its last; the latest one counts, the full validation
-    before step 0 included."""
+    starts the loader workers. The steps after it are timed for ``measure_seconds`` and at
+    least 3 steps, or for 30 s where steps are slower (the clock read, after a sync, at each
+    of them: a few seconds once per run), time spent outside training left out. A validation
+    is timed from the end of its first batch (which compiles, on a GPU) to the end of its
+    last; the latest one counts, the full validation before step 0 included."""
 
-    def __init__(self, val_every_n_steps: int, measure_seconds: float = 3.0) -> None:
+    def __init__(self, val_every_n_steps: int, measure_seconds: float = 5.0) -> None:
         self.val_every_n_steps, self.measure_seconds = val_every_n_steps, measure_seconds
         self.val_seconds: float | None = None
         self.estimate: dict | None = None  # what was reported
@@ -395,7 +395,8 @@ class TimeToMaxSteps(L.Callback):
             return
         start, first, tokens = self._start
         seconds = now - start
-        if seconds >= self.measure_seconds and step < trainer.max_steps:
+        enough = seconds >= self.measure_seconds and step - first >= 3 or seconds >= 30
+        if enough and step < trainer.max_steps:
             self._report(trainer, seconds / (step - first), self._tokens - tokens, seconds)
 
     def _report(self, trainer, step_seconds: float, tokens: int, seconds: float) -> None:

@@ -9,7 +9,8 @@ directory of such files (files whose name holds ``val``, ``valid`` or ``validati
 word, like ``TinyStories-valid.txt``, form the validation split).
 Structured local files go through ``datasets.load_dataset`` too, the same code path as the hub.
 Null (the default) stands for what ``data.dir`` holds, as its meta.json records it, else
-roneneldan/TinyStories (``resolve_source``).
+roneneldan/TinyStories (``resolve_source``). ``data.max_stories=N`` takes the first N stories
+of each split only (streamed from the hub, so that only those are downloaded).
 
 Tokens are streamed to disk in batches (memory stays flat however large the source), batches
 are encoded in parallel threads (each with its own copy of the encoding, see
