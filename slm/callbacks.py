@@ -261,10 +261,11 @@ class StopOnSignal(L.Callback):
     def __init__(self, path: str) -> None:
         self.path = path
         self.requested: int | None = None
+        self._announced = False
         self._previous: dict = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.requested = None
+        self.requested, self._announced = None, False
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
@@ -272,12 +273,16 @@ class StopOnSignal(L.Callback):
         if self.requested is not None:  # the second one: stop now
             self._restore()
             raise KeyboardInterrupt
+        # Nothing else here: a print from a signal handler that lands while the progress bar
+        # writes to stderr raises "RuntimeError: reentrant call". Said at the batch's end.
         self.requested = signum
-        print(
-            f"\n{signal.Signals(signum).name}: stopping after this optimizer step "
-            "(again to stop at once)",
-            file=sys.stderr,
-        )
+
+    def _announce(self) -> None:
+        if self.requested is not None and not self._announced:
+            self._announced = True
+            name = signal.Signals(self.requested).name
+            print(f"\n{name}: stopping after this optimizer step (again to stop at once)",
+                  file=sys.stderr)  # fmt: skip
 
     def _restore(self) -> None:
         for s, handler in self._previous.items():
@@ -285,6 +290,7 @@ class StopOnSignal(L.Callback):
         self._previous = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._announce()
         if trainer.fit_loop._should_accumulate():
             return
         stop = self.requested is not None

@@ -9,23 +9,34 @@ holds) the text is its ``val.bin``. With ``text=SRC`` (any ``data.source``: a hu
 file or a directory) it is every story of SRC, all its splits, tokenized into a temporary
 file: no data dir is read or written.
 
-The last line printed is JSON: ``{"val_loss", "val_ppl", "val_bpb", "tokens"}``. Bits per byte
-is the tokenizer-independent figure that compares with models of other tokenizers (llama2.c,
-the TinyStories paper): ``val_loss / ln 2 * tokens / utf8_bytes`` over the text.
+    python -m slm.evaluate ckpt=PATH data.dir=DIR stories=50 [judge=URL_OR_DIR]
+
+``stories=N`` adds the story suite (``slm.stories``): N openings of held-out stories of the
+same text (the val split, or all of ``text``), completed by the model and measured; the
+completions go to ``stories_out`` (default ``<checkpoint name>.stories.jsonl`` beside it).
+
+The last line printed is JSON: ``{"val_loss", "val_ppl", "val_bpb", "tokens"}``, and
+``"stories"`` with the suite's numbers. Bits per byte is the tokenizer-independent figure
+that compares with models of other tokenizers (llama2.c, the TinyStories paper):
+``val_loss / ln 2 * tokens / utf8_bytes`` over the text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
+from slm import stories
+from slm.checkpoint import load_tokenizer
 from slm.config import compose
 from slm.data import FixedWindows, load_tokens
 from slm.errors import ConfigError, DataError, run_cli
@@ -79,15 +90,23 @@ def evaluate(model: GPT, data_dir: str | Path, batch_size: int = 32) -> dict:
     return score(model, path, n, val["bytes"], batch_size, str(path))
 
 
-def evaluate_text(model: GPT, source: str, batch_size: int = 32) -> dict:
-    """``score`` over every story of ``source`` (any ``data.source``), tokenized into a
-    temporary file."""
+@contextlib.contextmanager
+def tokenized_text(source: str) -> Iterator[tuple[Path, dict]]:
+    """Every story of ``source`` (any ``data.source``) tokenized into a temporary file:
+    ``(path, {"tokens", "bytes", ...})``, deleted on leaving."""
     with tempfile.TemporaryDirectory(prefix="slm-evaluate-") as tmp:
         path = Path(tmp) / "text.bin"
         try:
             stats = tokenize(source, path)
         except DataError as e:  # load_source names the key it knows, data.source
             raise DataError(str(e).replace("data.source", "text", 1)) from e
+        yield path, stats
+
+
+def evaluate_text(model: GPT, source: str, batch_size: int = 32) -> dict:
+    """``score`` over every story of ``source`` (any ``data.source``), tokenized into a
+    temporary file."""
+    with tokenized_text(source) as (path, stats):
         return score(model, path, stats["tokens"], stats["bytes"], batch_size, f"text={source}")
 
 
@@ -97,15 +116,34 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = cfg.ckpt
     except MissingMandatoryValue:
         raise ConfigError("ckpt is required: ckpt=PATH to a .ckpt or slm.pt") from None
+    stories.check(cfg)
     device = resolve_device(cfg.device)
     model = load_model(ckpt, device)  # a bad checkpoint fails before any tokenizing
+    tok = load_tokenizer(ckpt)
+    out = Path(cfg.stories_out).expanduser() if cfg.stories_out else stories.completions_path(ckpt)
+
+    def suite(path: Path) -> dict:
+        held_out = stories.TokenStories(path, tok)
+        result = stories.run(
+            model, tok, held_out, cfg.stories, cfg.suite, out, cfg.judge, device=device
+        )
+        n = sum(result[mode]["completions"] for mode in stories.MODES if mode in result)
+        print(f"wrote {n} completions of {result['openings']} openings to {out}", file=sys.stderr)
+        return result
+
     d = cfg.data
     if cfg.text:
-        result = evaluate_text(model, str(cfg.text), d.batch_size)
+        with tokenized_text(str(cfg.text)) as (path, stats):
+            name = f"text={cfg.text}"
+            result = score(model, path, stats["tokens"], stats["bytes"], d.batch_size, name)
+            if cfg.stories:
+                result["stories"] = suite(path)
     else:
         # A no-op when already prepared.
         prepare(d.source, d.dir, d.val_fraction, d.overwrite, d.get("max_stories"))
         result = evaluate(model, d.dir, d.batch_size)
+        if cfg.stories:
+            result["stories"] = suite(Path(d.dir).expanduser() / "val.bin")
     print(json.dumps(result))
     return result
 

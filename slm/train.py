@@ -2,7 +2,9 @@
 
 Kept apart from the ``@hydra.main`` entry (``train.py``) so tests and sweepers call it with a
 composed config. Fills the run directory with TensorBoard logs (``tb/``), ``checkpoints/``
-(best by ``val/loss`` and ``last.ckpt``), ``slm.pt``, ``loss.png`` and ``metrics.json``.
+(best by ``val/loss`` and ``last.ckpt``), ``slm.pt``, ``loss.png`` and ``metrics.json``, and,
+after a completed run, the story suite's completions of ``slm.pt`` (``slm.stories.jsonl``)
+with its numbers in ``metrics.json`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+from slm import stories, tokenizer
 from slm.callbacks import (
     RunHistory,
     SampleStories,
@@ -33,7 +36,7 @@ from slm.callbacks import (
     TimeToMaxSteps,
     ValidateAtEnd,
 )
-from slm.checkpoint import apply_init_from, check_resume, check_resume_data
+from slm.checkpoint import apply_init_from, check_resume, check_resume_data, load_model
 from slm.config import model_overrides, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
@@ -79,9 +82,10 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path.resolve())
 
 
-def build_module(cfg: DictConfig) -> GPTModule:
+def module_args(cfg: DictConfig) -> dict:
+    """``GPTModule``'s keyword arguments from the config."""
     o = cfg.optim
-    return GPTModule(
+    return dict(
         **cfg.model,
         lr=o.lr,
         min_lr=o.min_lr,
@@ -94,6 +98,10 @@ def build_module(cfg: DictConfig) -> GPTModule:
         optimizer=o.name,
         **{k: o[k] for k in ("muon_lr", "muon_momentum", "muon_weight_decay") if k in o},
     )
+
+
+def build_module(cfg: DictConfig) -> GPTModule:
+    return GPTModule(**module_args(cfg))
 
 
 def build_datamodule(cfg: DictConfig) -> TokenDataModule:
@@ -129,19 +137,12 @@ def train(cfg: DictConfig) -> float:
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
+    stories.check(cfg)  # the suite runs at the end: its settings are checked at the start
     check_trainer_args(dict(cfg.trainer))
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_path:
-        keys = ("lr", "min_lr", "warmup_steps", "muon_lr")
-        schedule = {k: cfg.optim[k] for k in keys if k in cfg.optim}
-        check_resume(
-            ckpt_path,
-            model=dict(cfg.model),
-            schedule={**schedule, "max_steps": cfg.trainer.max_steps},
-            allow_schedule_change=cfg.get("allow_schedule_change", False),
-            optimizer=cfg.optim.get("name", "adamw"),
-        )
+        check_resume(ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False))
         check_resume_data(ckpt_path, cfg.data.dir, cfg.get("allow_data_change", False))
     with run_dir_lock(run_dir):  # from here on, the run dir is this run's
         return _fit(cfg, init, run_dir, ckpt_path)
@@ -229,8 +230,41 @@ def _fit(
         if trainer.is_global_zero:
             with deferred_signals():  # a Ctrl-C now must not leave slm.pt without metrics
                 write_outputs(run_dir, module, best, history, trainer, error, n)
+    if cfg.stories and trainer.is_global_zero:
+        story_suite(cfg, run_dir, datamodule.dir / "val.bin", trainer)
     score = best.best_model_score
     return float(score) if score is not None else math.nan
+
+
+def story_suite(cfg: DictConfig, run_dir: Path, val_bin: Path, trainer: L.Trainer) -> None:
+    """The story suite (``slm.stories``) on ``slm.pt`` (the best weights), with ``stories``
+    openings of the held-out split: its numbers go into ``metrics.json`` (``"stories"``) and
+    TensorBoard (``stories/*``), the completions into ``slm.stories.jsonl``. A judge that
+    fails is recorded there (``stories.judge.error``); the run stays completed."""
+    ckpt = run_dir / "slm.pt"
+    if not ckpt.exists():
+        return
+    tok = tokenizer.gpt2()  # the training data's tokenizer
+    device = trainer.strategy.root_device
+    log.info("story suite: %d openings of %s, completed by %s", cfg.stories, val_bin, ckpt)
+    try:
+        summary = stories.run(
+            load_model(ckpt, device), tok, stories.TokenStories(val_bin, tok), cfg.stories,
+            cfg.suite, stories.completions_path(ckpt), cfg.judge, device=device, strict=False,
+        )  # fmt: skip
+    except SlmError as e:  # e.g. no stories to take openings from: the training stands
+        log.error("story suite: error: %s", one_line(e))
+        summary = {"error": one_line(e)}
+    except KeyboardInterrupt:
+        log.warning("story suite interrupted: the run's outputs are complete, without it")
+        raise
+    path = run_dir / "metrics.json"
+    write_json(path, {**json.loads(path.read_text()), "stories": summary})
+    scalars = {f"stories/{k}": v for k, v in stories.flat(summary).items()}
+    for logger in trainer.loggers:  # finalized by fit: log_metrics reopens, finalize flushes
+        logger.log_metrics(scalars, step=trainer.global_step)
+        logger.finalize("success")
+    log.info("story suite: %s", json.dumps(stories.flat(summary)))
 
 
 # Set by train() itself: a trainer.* override of one of these is a mistake.
@@ -314,9 +348,7 @@ def write_outputs(
         "tokens_per_second": round(history.tokens / seconds, 1) if seconds else None,
         **({"parameters": parameters} if parameters else {}),
     }
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, run_dir / "metrics.json")
+    write_json(run_dir / "metrics.json", metrics)
     written = ",".join([*written, "metrics.json"])
     log.info("wrote %s/%s: %s", run_dir, f"{{{written}}}" if "," in written else written, metrics)
 
@@ -336,6 +368,13 @@ def deferred_signals():
             signal.signal(s, handler)
         if received:
             raise KeyboardInterrupt
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as indented JSON, written whole (a temporary file, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def save_atomic(obj, path: Path) -> None:

@@ -1,6 +1,8 @@
 """The callbacks' hot-path behaviour: nothing waits for the device on steps that log nothing."""
 
 import logging
+import signal
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -11,7 +13,7 @@ from test_precision import TINY, Tokens
 from torch.utils.data import DataLoader, Subset
 
 from slm import callbacks
-from slm.callbacks import RunHistory, SyncFreeThroughputMonitor, TimeToMaxSteps
+from slm.callbacks import RunHistory, StopOnSignal, SyncFreeThroughputMonitor, TimeToMaxSteps
 from slm.model import GPT, GPTConfig
 from slm.module import GPTModule
 
@@ -176,3 +178,18 @@ def test_throughput_flops_mfu_and_time_to_max_steps_against_a_clock(monkeypatch,
         (6, "train"), (8, "train"), *[(8, "val")] * 3, (8, "train"), (10, "train"),
         (12, "train"), *[(12, "val")] * 3,
     ]  # fmt: skip
+
+
+def test_stop_signal_is_announced_outside_the_handler(capsys):
+    """A print from the SIGINT handler, landing while the progress bar writes to stderr, raises
+    'RuntimeError: reentrant call': the handler only records the request; the next batch end
+    says it, once."""
+    stop = StopOnSignal("unused.ckpt")
+    stop._handler(signal.SIGINT, None)
+    assert stop.requested == signal.SIGINT and capsys.readouterr().err == ""
+    accumulating = SimpleNamespace(fit_loop=SimpleNamespace(_should_accumulate=lambda: True))
+    for _ in range(2):
+        stop.on_train_batch_end(accumulating, None, None, None, 0)
+    assert capsys.readouterr().err == (
+        "\nSIGINT: stopping after this optimizer step (again to stop at once)\n"
+    )

@@ -1,4 +1,4 @@
-"""A real Hydra multirun (``python train.py -m``) of two jobs."""
+"""A real Hydra multirun (``python train.py -m``) of four jobs."""
 
 import csv
 import json
@@ -26,10 +26,12 @@ def test_multirun_summary_with_good_invalid_and_diverging_jobs(tmp_path):
     src.write_text("\n<|endoftext|>\n".join(stories) + "\n")
     prepare(str(src), tmp_path / "data", val_fraction=0.1)
     sweep = tmp_path / "sweep"
+    # stories=2: the story suite's numbers become sweep.csv columns.
     args = [*TINY_ARGS, f"data.source={src}", f"data.dir={tmp_path / 'data'}",
             "data.val_fraction=0.1", "trainer.max_steps=4", "val_every_n_steps=2",
             "optim.warmup_steps=1", "trainer.log_every_n_steps=1",
-            "optim.lr=-1,1e-3,3e-3,1e9", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+            "optim.lr=-1,1e-3,3e-3,1e9", f"hydra.sweep.dir={sweep}",
+            "stories=2", "suite.max_new_tokens=6"]  # fmt: skip
     out = subprocess.run(
         [sys.executable, "train.py", "-m", *args], cwd=ROOT, capture_output=True, text=True
     )
@@ -46,6 +48,14 @@ def test_multirun_summary_with_good_invalid_and_diverging_jobs(tmp_path):
         metrics = json.loads((sweep / r["dir"] / "metrics.json").read_text())
         assert float(r["best_val_loss"]) == metrics["best_val_loss"] < 11 and r["error"] == ""
         assert (sweep / r["dir"] / "checkpoints" / "last.ckpt").exists()
+        suite = metrics["stories"]
+        assert float(r["continuation_loss"]) == suite["continuation_loss"]
+        for mode in ("greedy", "sampled"):
+            for key in ("distinct_1", "distinct_2", "distinct_3", "repeat_4gram", "eot_rate",
+                        "words", "carryover"):  # fmt: skip
+                value = suite[mode][key]  # None (empty) where no completion had a word
+                assert r[f"{mode}_{key}"] == ("" if value is None else str(value)), (mode, key)
+            assert r[f"{mode}_judge_mean"] == ""  # no judge: empty columns
     lrs = [OmegaConf.load(sweep / r["dir"] / ".hydra/config.yaml").optim.lr for r in rows[1:3]]
     assert lrs == [1e-3, 3e-3]  # each job trained with its own value
     assert rows[3]["error"].startswith(("train/loss is nan at step", "train/loss is inf at step"))

@@ -6,6 +6,7 @@ import math
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ TINY_ARGS = [
     "optim.lr=3e-3",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
+    "stories=0",  # the story suite at the end: on in the tests that check it
 ]
 
 
@@ -69,13 +71,19 @@ def small_dir(tmp_path_factory):
 def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="slm")
     run = tmp_path / "run"
-    cfg = tiny_cfg(v1_dir, run, f"data.source={v1_txt}", "data.val_fraction=0.02")
+    # The story suite on 2 openings, with a judge that is not there: recorded, not fatal.
+    closed = socket.create_server(("127.0.0.1", 0))
+    judge = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    closed.close()
+    suite = ["stories=2", "suite.max_new_tokens=8", f"judge={judge}", "suite.judge_model=m",
+             "suite.judge_retries=0"]  # fmt: skip
+    cfg = tiny_cfg(v1_dir, run, f"data.source={v1_txt}", "data.val_fraction=0.02", *suite)
     best = train(cfg)
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {
         "status", "best_val_loss", "final_val_loss", "final_val_step", "steps", "tokens_seen",
-        "wall_seconds", "tokens_per_second", "parameters",
+        "wall_seconds", "tokens_per_second", "parameters", "stories",
     }  # fmt: skip
     # model=tiny: the tied 50304 x 64 embedding, 64 x 64 positions, 2 blocks of 12 x 64^2
     # weights plus their norms' 4 x 64 and the final norm's 64 (no biases).
@@ -85,6 +93,19 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog)
         "non_embedding": blocks,
     }  # fmt: skip
     assert "sized for a GPU" not in caplog.text
+    # The suite on slm.pt: 2 held-out openings, greedy and sampled; its completions beside.
+    suite = metrics["stories"]
+    assert suite["openings"] == 2 and suite["settings"]["max_new_tokens"] == 8
+    assert 0 < suite["continuation_loss"] < math.log(50257)
+    assert set(suite["greedy"]) == set(suite["sampled"]) == {
+        "completions", "distinct_1", "distinct_2", "distinct_3", "repeat_4gram", "eot_rate",
+        "words", "carryover",
+    }  # fmt: skip
+    assert suite["judge"]["error"].startswith(f"judge {judge} (m): no answer from {judge}")
+    records = [json.loads(x) for x in (run / "slm.stories.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["tokens"] <= 8 for r in records)
+    held_out = v1_txt.read_text()
+    assert all(r["opening"] in held_out for r in records)  # real stories' first sentences
     assert metrics["final_val_step"] == 40
     assert metrics["status"] == "completed"
     assert metrics["steps"] == 40
@@ -100,6 +121,9 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog)
     assert {"train/loss", "val/loss", "val/ppl", "val/bpb"} <= set(tags)
     assert any(t.startswith("lr-") for t in tags)
     assert "train/device/items_per_sec" in tags  # tokens/s (and MFU on GPUs Lightning knows)
+    story = acc.Scalars("stories/greedy_distinct_2")
+    assert [e.step for e in story] == [40]
+    assert story[0].value == pytest.approx(suite["greedy"]["distinct_2"], rel=1e-6)
     samples = acc.Tensors("samples/text_summary")
     assert [e.step for e in samples] == [20, 40]  # one story per validation
     story = samples[-1].tensor_proto.string_val[0].decode()
