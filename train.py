@@ -9,8 +9,6 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from slm.train import main as train_main
-
 # conf/hydra/launcher/submitit_slurm.yaml is slm's own settings of the plugin's launcher of the
 # same name; Hydra checks it against the plugin's schema, and says so on every run.
 warnings.filterwarnings("ignore", message="'hydra/launcher/submitit_slurm' is validated against")
@@ -18,6 +16,8 @@ warnings.filterwarnings("ignore", message="'hydra/launcher/submitit_slurm' is va
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from slm.train import main as train_main  # torch and Lightning: once the run dir is ours
+
     return train_main(cfg)
 
 

@@ -246,6 +246,24 @@ def _plain(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
+def check_resume_data(path: str | Path, data_dir: str | Path, allow_change: bool = False) -> None:
+    """Resuming the training checkpoint ``path`` on another ``data.dir`` than it was trained
+    on would switch the validation set and mix two sets' losses in ``best_val_loss``: a
+    one-line ``CheckpointError``, unless ``allow_change``. Checkpoints that do not record
+    their data dir pass."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no copy
+    trained_on = (obj.get("TokenDataModule") or {}).get("dir")
+    here = Path(data_dir).expanduser().resolve()
+    if trained_on and Path(trained_on) != here and not allow_change:
+        raise CheckpointError(
+            f"ckpt_path={path} was trained on data.dir={trained_on}, not {here}: the validation "
+            "set would change and best_val_loss would mix the two; resume with "
+            f"data.dir={trained_on}, or pass allow_data_change=true to go on with the new data"
+        )
+
+
 def apply_init_from(cfg: DictConfig, overrides: dict[str, str]) -> GPT | None:
     """``init_from=PATH`` (a ``slm.pt``, a Lightning ``.ckpt`` or a ``transformers``
     directory): its GPT, whose config replaces ``cfg.model`` (all but ``dropout``, a setting

@@ -42,7 +42,9 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
             + prepare_command(data_dir, None)
         )
     # The fix names the recorded source, so that the command says what it will read.
-    fix = prepare_command(data_dir, meta.get("source"), meta.get("val_fraction"))
+    fix = prepare_command(
+        data_dir, meta.get("source"), meta.get("val_fraction"), meta.get("max_stories")
+    )
     if meta.get("tokenizer") != tokenizer.NAME or meta.get("dtype") != "uint16":
         raise DataError(
             f"{data_dir}/meta.json is for tokenizer {meta.get('tokenizer')!r} "
@@ -175,17 +177,18 @@ class TokenDataModule(L.LightningDataModule):
         val_windows: int | str = 200,
         overwrite: bool = False,
         seed: int = 1337,
+        max_stories: int | None = None,
     ) -> None:
         super().__init__()
         self.dir, self.source = Path(dir).expanduser().resolve(), source
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.val_fraction, self.val_windows, self.overwrite = val_fraction, val_windows, overwrite
-        self.seed = seed
+        self.seed, self.max_stories = seed, max_stories
         self.n_tokens: dict[str, int] = {}
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node, before setup().
-        prepare(self.source, self.dir, self.val_fraction, self.overwrite)
+        prepare(self.source, self.dir, self.val_fraction, self.overwrite, self.max_stories)
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
@@ -223,11 +226,13 @@ class TokenDataModule(L.LightningDataModule):
         return self._loader(stream, batch_size=None)
 
     def state_dict(self) -> dict:
-        """What the checkpoint records of the batches: the global batch (the windows each
-        optimizer step draws from ``(seed, step)``) and its factors on this run."""
+        """What the checkpoint records of the data: the dir it trains and validates on (a
+        resume on another is refused, ``checkpoint.check_resume_data``), the global batch (the
+        windows each optimizer step draws from ``(seed, step)``) and its factors on this run."""
         t = self.trainer
         world, accumulate = (t.world_size, t.accumulate_grad_batches) if t is not None else (1, 1)
         return {
+            "dir": str(self.dir),
             "global_batch": self.batch_size * world * accumulate,
             "batch_size": self.batch_size,
             "world_size": world,
@@ -238,8 +243,10 @@ class TokenDataModule(L.LightningDataModule):
         """On resume: a global batch other than the checkpoint's run's is said on one line
         (another split of the same global batch draws the same windows: nothing to say)."""
         now = self.state_dict()
+        if "batch_size" not in state:  # a checkpoint from before the batch was recorded
+            return
         was = state.get("global_batch")
-        if was is None:  # a checkpoint of before the global batch was recorded
+        if was is None:  # a checkpoint from before the global batch was recorded
             was = state["batch_size"] * state["world_size"] * state["accumulate"]
         if was != now["global_batch"]:
             rank_zero_only(log.warning)(

@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             if cfg.stories:
                 result["stories"] = suite(path)
     else:
-        prepare(d.source, d.dir, d.val_fraction, d.overwrite)  # a no-op when already prepared
+        # A no-op when already prepared.
+        prepare(d.source, d.dir, d.val_fraction, d.overwrite, d.get("max_stories"))
         result = evaluate(model, d.dir, d.batch_size)
         if cfg.stories:
             result["stories"] = suite(Path(d.dir).expanduser() / "val.bin")

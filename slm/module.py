@@ -192,15 +192,19 @@ class GPTModule(L.LightningModule):
             val = meta["splits"]["val"]
             self.val_tokens_per_byte = val["tokens"] / val["bytes"]
         if stage == "fit" and datamodule is not None:
+            # What SyncFreeThroughputMonitor turns into FLOPs/s and MFU.
             self.flops_per_batch = self.count_flops(datamodule.batch_size)
+            self.val_flops_per_sample = self.count_flops(1, backward=False)
 
-    def count_flops(self, batch_size: int) -> int:
-        """FLOPs of one training step (forward + backward) on a batch, counted by PyTorch on
-        the meta device (no memory, no compute): what ThroughputMonitor turns into MFU."""
+    def count_flops(self, batch_size: int, backward: bool = True) -> int:
+        """FLOPs of the loss on a batch of ``batch_size`` windows, forward and backward (a
+        training micro-batch) or forward only (validation), counted by PyTorch on the meta
+        device (no memory, no compute)."""
         with torch.device("meta"):
             model = GPT(self.config)
             x = torch.randint(0, self.config.vocab_size, (batch_size, self.config.block_size))
-        return measure_flops(model, lambda: model(x, x)[1], loss_fn=lambda loss: loss)
+        loss_fn = (lambda loss: loss) if backward else None
+        return measure_flops(model, lambda: model(x, x)[1], loss_fn=loss_fn)
 
     def configure_optimizers(self):
         h = self.hparams

@@ -9,7 +9,8 @@ directory of such files (files whose name holds ``val``, ``valid`` or ``validati
 word, like ``TinyStories-valid.txt``, form the validation split).
 Structured local files go through ``datasets.load_dataset`` too, the same code path as the hub.
 Null (the default) stands for what ``data.dir`` holds, as its meta.json records it, else
-roneneldan/TinyStories (``resolve_source``).
+roneneldan/TinyStories (``resolve_source``). ``data.max_stories=N`` takes the first N stories
+of each split only (streamed from the hub, so that only those are downloaded).
 
 Tokens are streamed to disk in batches (memory stays flat however large the source), batches
 are encoded in parallel threads (each with its own copy of the encoding, see
@@ -105,9 +106,10 @@ def _txt_stories(path: Path, batch: int) -> Iterator[list[str]]:
 
 
 def _dataset_stories(ds, name: str, batch: int) -> Iterator[list[str]]:
-    """Stories of a ``datasets.Dataset``'s ``text`` column. The column is checked here, when
-    the source is loaded, so that a bad source fails before an existing data dir is touched."""
-    if "text" not in ds.column_names:
+    """Stories of a ``datasets.Dataset``'s (or a streamed ``IterableDataset``'s) ``text``
+    column. The column is checked here, when the source is loaded, so that a bad source fails
+    before an existing data dir is touched."""
+    if ds.column_names is not None and "text" not in ds.column_names:
         raise DataError(
             f"data.source {name} has no 'text' column (columns: {', '.join(ds.column_names)}); "
             "give files whose stories are in a column named 'text'"
@@ -141,15 +143,40 @@ def _check_not_a_missing_path(source: str) -> None:
         raise DataError(f"data.source {source}: no such file or directory; check the path")
 
 
-def load_source(source: str, batch: int = 1024) -> dict[str, list[Batches]]:
-    """The source's stories by split: ``{"train": [...], "val": [...]}`` (val may be empty)."""
+def _first(streams: list[Batches], n: int | None) -> list[Batches]:
+    """The first ``n`` stories of a split (all of them where ``n`` is None), in batches."""
+    if n is None or not streams:
+        return streams
+
+    def take() -> Iterator[list[str]]:
+        left = n
+        for stream in streams:
+            for stories in stream:
+                yield stories[:left]
+                left -= min(left, len(stories))
+                if left == 0:
+                    return
+
+    return [take()]
+
+
+def load_source(
+    source: str, batch: int = 1024, max_stories: int | None = None
+) -> dict[str, list[Batches]]:
+    """The source's stories by split: ``{"train": [...], "val": [...]}`` (val may be empty);
+    with ``max_stories``, the first ``max_stories`` of each split only. From the hub such a
+    slice is streamed, so that only what it holds is downloaded."""
     path = Path(source).expanduser()
     if not path.exists():
         _check_not_a_missing_path(source)
         import datasets  # heavy import (~0.6 s): only where it is used
 
         try:  # a dataset on the Hugging Face hub, e.g. roneneldan/TinyStories
-            dd = datasets.load_dataset(source)
+            if max_stories is None:
+                dd = datasets.load_dataset(source)
+            else:
+                dd = datasets.load_dataset(source, streaming=True)
+                dd = {name: ds.take(max_stories) for name, ds in dd.items()}
         except Exception as e:
             raise DataError(
                 f"data.source {source}: could not load it from the Hugging Face hub "
@@ -162,7 +189,7 @@ def load_source(source: str, batch: int = 1024) -> dict[str, list[Batches]]:
                 splits[split].append(_dataset_stories(ds, f"{source}[{name}]", batch))
         if not splits["train"]:
             raise DataError(f"data.source {source} has no 'train' split (splits: {list(dd)})")
-        return splits
+        return {split: _first(streams, max_stories) for split, streams in splits.items()}
 
     splits = {"train": [], "val": []}
     for f in _local_files(path):
@@ -182,7 +209,7 @@ def load_source(source: str, batch: int = 1024) -> dict[str, list[Batches]]:
             splits[split].append(_dataset_stories(ds, str(f), batch))
     if not splits["train"]:
         raise DataError(f"data.source {source} holds only validation files; add training text")
-    return splits
+    return {split: _first(streams, max_stories) for split, streams in splits.items()}
 
 
 def canonical_source(source: str) -> str:
@@ -311,15 +338,21 @@ LOCK = ".prepare.lock"  # in data.dir: prepares of one dir take turns (see _lock
 
 
 def prepare_command(
-    data_dir: str | Path, source: str | None, val_fraction: float | None = None
+    data_dir: str | Path,
+    source: str | None,
+    val_fraction: float | None = None,
+    max_stories: int | None = None,
 ) -> str:
     """The fix that errors about a data dir suggest: the command that prepares it again from
-    ``source`` (holding out ``val_fraction``), quoted for the shell and Hydra, to be pasted as
-    it is. Where the source is unknown (no readable meta.json), ``SOURCE`` stands for it."""
+    ``source`` (holding out ``val_fraction``; its first ``max_stories`` per split), quoted for
+    the shell and Hydra, to be pasted as it is. Where the source is unknown (no readable
+    meta.json), ``SOURCE`` stands for it."""
     src = override("data.source", source) if source else "data.source=SOURCE"
     cmd = f"python -m slm.prepare {src} {override('data.dir', str(data_dir))}"
     if val_fraction is not None:
         cmd += f" data.val_fraction={val_fraction}"
+    if max_stories is not None:
+        cmd += f" data.max_stories={max_stories}"
     cmd += " data.overwrite=true"
     if source:
         return f"prepare it again with `{cmd}`"
@@ -393,6 +426,13 @@ def _locked(out: Path) -> Iterator[bool]:
             os.close(fd)  # releases the lock
 
 
+def _slice(max_stories: int | None, other: int | None) -> str:
+    """``, max_stories=N`` for a message, where either side of a comparison has a slice."""
+    if max_stories is None and other is None:
+        return ""
+    return f", max_stories={max_stories}"
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     """Temporary files of a prepare that was killed (SIGKILL, out of memory): with the lock
     held, no other prepare is writing any of them."""
@@ -431,42 +471,53 @@ def prepare(
     data_dir: str | Path = "data/tinystories",
     val_fraction: float = 0.01,
     overwrite: bool = False,
+    max_stories: int | None = None,
 ) -> dict:
     """Write ``train.bin``, ``val.bin`` and ``meta.json`` into ``data_dir``; return the meta.
 
+    ``max_stories``: only the first that many stories of each split (a bounded slice: from
+    the hub, only that much is downloaded); None for all of them.
+
     ``source`` None stands for what ``data_dir`` holds (see ``resolve_source``), taken as it
-    was prepared (its ``val_fraction`` is not compared). A no-op when ``meta.json`` records
-    this source and tokenizer and the bins have the sizes it records; a missing bin is
-    prepared again. Tokens of another source or tokenizer, bins with no or an unreadable
-    ``meta.json`` and bins of the wrong size are an error that says how to prepare the dir
-    again; with ``overwrite`` the dir is prepared again, whatever it holds, without reading it.
+    was prepared (its ``val_fraction`` is not compared, nor ``max_stories`` where that is
+    None). A no-op when ``meta.json`` records this source, slice and tokenizer and the bins
+    have the sizes it records; a missing bin is prepared again. Tokens of another source,
+    slice or tokenizer, bins with no or an unreadable ``meta.json`` and bins of the wrong size
+    are an error that says how to prepare the dir again; with ``overwrite`` the dir is
+    prepared again, whatever it holds, without reading it.
     """
     out = Path(data_dir).expanduser().resolve()
     if source:
         _check_not_a_missing_path(source)
     with _locked(out) as locked:
         src = resolve_source(source, out)
-        fix = prepare_command(out, src if source else None, val_fraction)
+        fix = prepare_command(out, src if source else None, val_fraction, max_stories)
         meta = None if overwrite else read_meta(out, fix)
         if meta is not None:
             same_tokenizer = meta.get("tokenizer") == tokenizer.NAME
+            as_it_is = source is None  # what the dir holds, as it was prepared
             same = (
                 meta.get("source") == src
                 and same_tokenizer
-                and (source is None or meta.get("val_fraction") in (None, val_fraction))
+                and (as_it_is or meta.get("val_fraction") in (None, val_fraction))
+                and (meta.get("max_stories") == max_stories or (as_it_is and max_stories is None))
             )
             if not same:
                 use = "leave data.source unset to use them, " if same_tokenizer else ""
+                had, want = meta.get("max_stories"), max_stories
                 raise DataError(
                     f"data.dir {out} holds tokens of {meta.get('source')!r} "
-                    f"({meta.get('tokenizer')}, val_fraction={meta.get('val_fraction')}), not "
-                    f"of {src!r} (gpt2, val_fraction={val_fraction}); {use}pass "
-                    "data.overwrite=true to replace them, or choose another data.dir"
+                    f"({meta.get('tokenizer')}, val_fraction={meta.get('val_fraction')}"
+                    f"{_slice(had, want)}), not of {src!r} (gpt2, val_fraction={val_fraction}"
+                    f"{_slice(want, had)}); {use}pass data.overwrite=true to replace them, or "
+                    "choose another data.dir"
                 )
             if all((out / f"{s}.bin").exists() for s in SPLITS):
                 problem = _wrong_size(out, meta)
                 if problem:  # prepared again as it was, from its recorded source
-                    fix = prepare_command(out, src, meta.get("val_fraction"))
+                    fix = prepare_command(
+                        out, src, meta.get("val_fraction"), meta.get("max_stories")
+                    )
                     raise DataError(f"{problem}; {fix}")
                 return meta
         elif not overwrite and any((out / f"{s}.bin").exists() for s in SPLITS):
@@ -477,7 +528,8 @@ def prepare(
         _check_writable(out)
         tokenizer.get_encoding()  # offline without the BPE files: fail before touching anything
         # Batches of 256 stories keep every encoder thread busy even on a small source.
-        splits = load_source(src, batch=256)  # fails before anything existing is touched
+        # Fails before anything existing is touched.
+        splits = load_source(src, batch=256, max_stories=max_stories)
         if locked:
             _remove_stale_temporaries(out)
         (out / "meta.json").unlink(missing_ok=True)  # old bins are untrusted from here on
@@ -492,6 +544,7 @@ def prepare(
             "dtype": "uint16",
             "val_split": "held-out" if held_out else "validation",
             "val_fraction": val_fraction if held_out else None,
+            "max_stories": max_stories,
             "splits": stats,
         }
         tmp = _temp_name(out, "meta.json")
@@ -530,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict:
     d = cfg.data
     out = Path(d.dir).expanduser().resolve()
     before = _stamp(out / "meta.json")
-    meta = prepare(d.source, d.dir, d.val_fraction, d.overwrite)
+    meta = prepare(d.source, d.dir, d.val_fraction, d.overwrite, d.get("max_stories"))
     for split in SPLITS:
         s = meta["splits"][split]
         print(f"{split}: {s['stories']:,} stories, {s['tokens']:,} tokens, {s['bytes']:,} bytes")

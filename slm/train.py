@@ -34,11 +34,13 @@ from slm.callbacks import (
     StepProgressBar,
     StopOnSignal,
     SyncFreeThroughputMonitor,
+    TimeToMaxSteps,
     ValidateAtEnd,
 )
 from slm.checkpoint import (
     apply_init_from,
     check_resume,
+    check_resume_data,
     is_sharded_checkpoint,
     load_checkpoint,
     load_model,
@@ -49,6 +51,7 @@ from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.module import GPTModule
 from slm.precision import trainer_precision
+from slm.rundir import run_dir_lock
 from slm.strategy import (
     agree_on_start,
     full_state_dict,
@@ -60,6 +63,9 @@ from slm.strategy import (
 from slm.sweep import FailedJob
 
 log = logging.getLogger(__name__)
+# Training FLOPs above which a run on a CPU takes more than about an hour (2 cores do some
+# 4e10 FLOP/s): model=small's 5000 steps are 7e15, experiment=quickstart's 2e13.
+GPU_SIZED = 1e14
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TRAINER_ARGS = set(inspect.signature(L.Trainer.__init__).parameters)
 
@@ -185,18 +191,27 @@ def check_start(cfg: DictConfig) -> tuple[object, Path, str | None]:
         check_resume(
             ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False), cfg.strategy.name
         )
+        check_resume_data(ckpt_path, cfg.data.dir, cfg.get("allow_data_change", False))
     return init, run_dir, ckpt_path
 
 
 def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
-    start, error = None, None
-    try:
-        start = check_start(cfg)
-    except SlmError as e:
-        error = e
-    agree_on_start(cfg, error)  # under torchrun or srun: every rank stops if one failed
-    init, run_dir, ckpt_path = start
+    with contextlib.ExitStack() as stack:
+        start, error = None, None
+        try:
+            start = check_start(cfg)
+            # the run dir is this run's from here on (held by rank 0): a start check too
+            stack.enter_context(run_dir_lock(start[1]))
+        except SlmError as e:
+            error = e
+        agree_on_start(cfg, error)  # under torchrun or srun: every rank stops if one failed
+        return _fit(cfg, *start)
+
+
+def _fit(
+    cfg: DictConfig, init: torch.nn.Module | None, run_dir: Path, ckpt_path: str | None
+) -> float:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
@@ -211,6 +226,17 @@ def train(cfg: DictConfig) -> float:
         "model: %.2fM parameters (%.2fM non-embedding, %.2fM embedding)",
         n["total"] / 1e6, n["non_embedding"] / 1e6, n["embedding"] / 1e6,
     )  # fmt: skip
+    # Training costs about 6 FLOPs per parameter and token (forward + backward).
+    tokens = cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches
+    flops = 6 * n["total"] * tokens * cfg.trainer.max_steps
+    if cfg.trainer.accelerator == "cpu" and flops > GPU_SIZED:
+        log.warning(
+            "this run is sized for a GPU (%.1fM parameters x %s tokens a step x %s steps = "
+            "%.1e FLOPs) and trains on the CPU, where that takes many hours: the estimate "
+            "follows after the first steps. On a CPU, start with experiment=quickstart "
+            "(README, Quick start)", n["total"] / 1e6, f"{tokens:,}",
+            f"{cfg.trainer.max_steps:,}", flops,
+        )  # fmt: skip
 
     ckpt_dir = run_dir / "checkpoints"
     best = ModelCheckpoint(
@@ -230,11 +256,12 @@ def train(cfg: DictConfig) -> float:
         last,
         ValidateAtEnd(),  # first: the hooks after it see the last step as a logging step
         LearningRateMonitor(logging_interval="step"),
-        # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
-        # The clock is read on logging steps: rates over the last 2 logging intervals.
+        # tokens/s, FLOPs/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the
+        # bf16/fp16 peak. The clock is read on logging steps: rates over the last 2 intervals.
         SyncFreeThroughputMonitor(
             batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(), window_size=3
         ),  # fmt: skip
+        TimeToMaxSteps(cfg.val_every_n_steps),
         history,
         stop,  # after history: its tokens are counted
         SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens),
@@ -266,7 +293,9 @@ def train(cfg: DictConfig) -> float:
         # Sharded, the weights are gathered from every rank; rank 0 writes the files.
         if trainer.is_global_zero or is_sharded(module.model):
             with deferred_signals():  # a Ctrl-C now must not leave slm.pt without metrics
-                write_outputs(run_dir, module, best, history, trainer, error, stop.stopped)
+                write_outputs(
+                    run_dir, module, best, history, trainer, error, n, agreed_stop=stop.stopped
+                )
     if cfg.stories and trainer.is_global_zero:
         story_suite(cfg, run_dir, datamodule.dir / "val.bin", trainer)
     score = best.best_model_score
@@ -347,11 +376,13 @@ def write_outputs(
     history: RunHistory,
     trainer: L.Trainer,
     error: BaseException | None = None,
+    parameters: dict[str, int] | None = None,
     agreed_stop: bool = False,
 ) -> None:
-    """``metrics.json`` always (with the run's status); ``slm.pt`` (best weights + model
-    config) and ``loss.png`` once the run has made an optimizer step. A run that failed
-    before its first step leaves no weights that ``generate.py`` would take for a model.
+    """``metrics.json`` always (with the run's status and the model's ``parameters``);
+    ``slm.pt`` (best weights + model config) and ``loss.png`` once the run has made an
+    optimizer step. A run that failed before its first step leaves no weights that
+    ``generate.py`` would take for a model.
 
     Rank 0 writes. With a sharded model every rank calls this: the full weights are gathered
     from all of them, unless the best checkpoint has them (read by rank 0 alone) or the run
@@ -381,6 +412,9 @@ def write_outputs(
         else:
             log.warning("no slm.pt: the sharded run failed on one rank before its first checkpoint")
         plot_losses(history, run_dir / "loss.png")
+        written = ["slm.pt", "loss.png"]
+    else:
+        written = []
     vals = [v for _, v in history.val]
     seconds = history.wall_seconds
     # After an interruption the last validation can be older than the weights: say which.
@@ -394,9 +428,11 @@ def write_outputs(
         "tokens_seen": history.tokens,
         "wall_seconds": round(seconds, 3),
         "tokens_per_second": round(history.tokens / seconds, 1) if seconds else None,
+        **({"parameters": parameters} if parameters else {}),
     }
     write_json(run_dir / "metrics.json", metrics)
-    log.info("wrote %s/{slm.pt,loss.png,metrics.json}: %s", run_dir, metrics)
+    written = ",".join([*written, "metrics.json"])
+    log.info("wrote %s/%s: %s", run_dir, f"{{{written}}}" if "," in written else written, metrics)
 
 
 @contextlib.contextmanager

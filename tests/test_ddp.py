@@ -17,6 +17,7 @@ from slm.sample import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_three_process_ddp(tmp_path):
     stories = [f"Max found {n} shells on the beach. He smiled. The end." for n in range(300)]
     src = tmp_path / "s.txt"

@@ -160,6 +160,7 @@ class StopAt(L.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_tiny_modern_muon_fit_learns_resumes_exactly_and_generates(
     data, tmp_path, monkeypatch, capsys
 ):

@@ -56,6 +56,7 @@ def prepared(tmp_path_factory):
     return d / "data", f"data.source={src}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prec", ["bf16-mixed", "32-true"])
 def test_fused_adamw_with_clipping_trains(prepared, tmp_path, prec):
     """The crash of every GPU run: fused AdamW + gradient_clip_val=1.0 under Lightning's AMP
@@ -135,6 +136,7 @@ def test_trainer_precision_kwargs():
     assert (plugin.precision, plugin.device, plugin.scaler) == ("bf16-mixed", "cuda", None)
 
 
+@pytest.mark.slow
 def test_compiled_gpt_has_no_graph_break():
     model = GPT(GPTConfig(**TINY))
     x = torch.randint(0, 50257, (2, 16))
@@ -161,6 +163,7 @@ def losses_of(compile_mode, steps=3):
     return module, losses
 
 
+@pytest.mark.slow
 def test_compile_true_trains_like_eager():
     """Inductor compiles the GPT (not the LightningModule) on the CPU too."""
     eager_module, eager = losses_of(None)

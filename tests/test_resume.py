@@ -86,6 +86,7 @@ def interrupt(data_dir, args, run, how):
     return stopped_at
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "how, accumulate", [("SIGINT", 1), ("SIGINT", 2), ("SIGKILL", 2)]
 )  # fmt: skip
@@ -121,6 +122,7 @@ def test_interrupted_run_resumes_exactly(data, uninterrupted, tmp_path, how, acc
     assert mb["final_val_loss"] == pytest.approx(ma["final_val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path, caplog):
     data_dir, source = data
     ckpt = uninterrupted(1) / "checkpoints/last.ckpt"
@@ -156,6 +158,30 @@ def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path,
     ) in caplog.text
 
 
+@pytest.mark.slow
+def test_resume_refuses_another_data_dir(data, uninterrupted, tmp_path):
+    """Another data.dir would switch the validation set under best_val_loss: one line, unless
+    allow_data_change=true."""
+    data_dir, source = data
+    ckpt = uninterrupted(1) / "checkpoints/last.ckpt"
+    other = tmp_path / "other"
+    prepare(source.removeprefix("data.source="), other, val_fraction=0.1)
+    args = [*args_of(source, 1), f"ckpt_path={ckpt}"]
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_cfg(other, tmp_path / "a", *args))
+    assert str(e.value) == (
+        f"ckpt_path={ckpt} was trained on data.dir={data_dir}, not {other}: the validation set "
+        "would change and best_val_loss would mix the two; resume with "
+        f"data.dir={data_dir}, or pass allow_data_change=true to go on with the new data"
+    )
+    assert not (tmp_path / "a").exists()
+    more = ["trainer.max_steps=26", "allow_schedule_change=true"]
+    train(tiny_cfg(other, tmp_path / "b", *args, *more, "allow_data_change=true"))
+    last = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 26 and last["TokenDataModule"]["dir"] == str(other)
+
+
+@pytest.mark.slow
 def test_ckpt_path_last_looks_in_this_run_only(data, uninterrupted, tmp_path):
     """Never another run's (or sweep job's) last.ckpt, even one in the same outputs tree."""
     uninterrupted(1)
