@@ -251,9 +251,12 @@ def check_resume_data(path: str | Path, data_dir: str | Path, allow_change: bool
     on would switch the validation set and mix two sets' losses in ``best_val_loss``: a
     one-line ``CheckpointError``, unless ``allow_change``. Checkpoints that do not record
     their data dir pass."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no copy
+    if is_sharded_checkpoint(path):
+        obj = read(path)  # its meta.pt: all but the weights and optimizer state
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no copy
     trained_on = (obj.get("TokenDataModule") or {}).get("dir")
     here = Path(data_dir).expanduser().resolve()
     if trained_on and Path(trained_on) != here and not allow_change:

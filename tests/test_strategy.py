@@ -361,3 +361,16 @@ def test_strategy_settings_that_cannot_work_are_refused(data, tmp_path, override
     with pytest.raises(ConfigError) as e:
         check_strategy(cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_resume_data_check_reads_a_sharded_checkpoint(tmp_path):
+    """check_resume_data (the data dir a checkpoint trained on) reads a sharded folder's
+    meta.pt, where it failed with IsADirectoryError."""
+    from slm.checkpoint import SHARDED_META, CheckpointError, check_resume_data
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    torch.save({"TokenDataModule": {"dir": str(tmp_path / "a")}}, folder / SHARDED_META)
+    check_resume_data(folder, tmp_path / "a")
+    with pytest.raises(CheckpointError, match="was trained on data.dir="):
+        check_resume_data(folder, tmp_path / "b")
