@@ -125,7 +125,11 @@ class GPTModule(L.LightningModule):
         # training and validation forward is compiled: generation (SampleStories, generate.py)
         # calls the eager GPT with a KV cache whose length changes every step.
         if self.compile_mode and self._compiled is None:
-            self._compiled = torch.compile(self.model.forward, mode=self.compile_mode)
+            # Sharded, through the module's call: FSDP2's hooks (which gather each Block's
+            # weights) run around its forward, eagerly (dynamo's skip_fsdp_hooks), between
+            # the compiled pieces.
+            call = self.model.__call__ if is_sharded(self.model) else self.model.forward
+            self._compiled = torch.compile(call, mode=self.compile_mode)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return (self._compiled or self.model)(idx, targets)

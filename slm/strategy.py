@@ -17,8 +17,9 @@ model's own names and shapes, ``torch.nn.utils.clip_grad_norm_`` computes the gl
 over the shards (Lightning's ``FSDPPrecision`` refuses norm clipping), mixed precision is
 FSDP2's own policy (bf16 gathered weights and compute, fp32 master weights and gradient
 reduction), checkpoints are ``torch.distributed.checkpoint`` folders that each rank writes
-its shards into (nothing gathered on one rank), and FSDP1 is deprecated in PyTorch. ``ModelParallelStrategy`` leaves the sharding
-to the model (``GPTModule.configure_model`` calls ``FSDP.shard``), as Lightning documents.
+its shards into (nothing gathered on one rank), and FSDP1 is deprecated in PyTorch.
+``ModelParallelStrategy`` leaves the sharding to the model (``GPTModule.configure_model``
+calls ``FSDP.shard``), as Lightning documents.
 """
 
 from __future__ import annotations
