@@ -387,3 +387,19 @@ def test_resume_data_check_reads_a_sharded_checkpoint(tmp_path):
     check_resume_data(folder, tmp_path / "a")
     with pytest.raises(CheckpointError, match="was trained on data.dir="):
         check_resume_data(folder, tmp_path / "b")
+
+
+def test_dist_timeout_reaches_the_strategy(data, tmp_path):
+    """dist_timeout (minutes) is the process group's timeout under either strategy, in place
+    of Lightning's 30 minutes; one process trains without a process group."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from slm.strategy import FSDP, trainer_strategy
+
+    ddp = trainer_strategy(cfg_of(data, tmp_path, "trainer.devices=2"))
+    assert isinstance(ddp, DDPStrategy) and ddp._timeout == timedelta(minutes=10)
+    fsdp = trainer_strategy(cfg_of(data, tmp_path, "strategy=fsdp", "dist_timeout=2.5"))
+    assert isinstance(fsdp, FSDP) and fsdp._timeout == timedelta(minutes=2.5)
+    assert trainer_strategy(cfg_of(data, tmp_path)) == "auto"
