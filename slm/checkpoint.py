@@ -4,7 +4,9 @@
 files both load as a ``GPTConfig`` and the GPT's state dict, with ``weights_only=True`` (only
 tensors and primitives are unpickled); so does a Hugging Face ``transformers`` directory of
 the families ``slm.export`` writes (``slm.export.read_hf``). Every problem is a one-line
-``CheckpointError``.
+``CheckpointError``. Each also carries its tokenizer (``load_tokenizer``): ``slm.pt`` and
+``.ckpt`` files under ``"tokenizer"`` (``Tokenizer.state()``; gpt2 where there is none), a
+``transformers`` directory as its tokenizer files.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from omegaconf import DictConfig, open_dict
 from slm import tokenizer
 from slm.errors import CheckpointError, ConfigError, first_line
 from slm.model import GPT, GPTConfig
-from slm.tokenizer import Tokenizer
+from slm.tokenizer import Tokenizer, from_state
 
 
-def read(path: str | Path) -> dict:
-    """The dict inside a checkpoint file, loaded on the CPU with ``weights_only=True``."""
+def read(path: str | Path, mmap: bool = False) -> dict:
+    """The dict inside a checkpoint file, loaded on the CPU with ``weights_only=True``
+    (``mmap``: tensors are mapped, read only where they are used)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file; pass a slm.pt or a Lightning .ckpt")
@@ -36,7 +39,7 @@ def read(path: str | Path) -> dict:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # weights_only refuses anything but tensors and primitives; a plain pickle lands here too.
         raise CheckpointError(
@@ -95,9 +98,20 @@ def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer the checkpoint ``path`` was trained with (``gpt2`` for every checkpoint
-    that does not embed another)."""
-    return tokenizer.gpt2()
+    """The tokenizer the checkpoint ``path`` was trained with, ready to encode: the one that
+    an ``slm.pt`` or ``.ckpt`` embeds (``gpt2`` for a checkpoint from before tokenizers were
+    stored), or a ``transformers`` directory's (``slm.export.read_hf_tokenizer``). A one-line
+    ``SlmError`` for a file that is no checkpoint, or gpt2 offline without its BPE files."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from slm.export import read_hf_tokenizer
+
+        return read_hf_tokenizer(path).load()
+    try:  # mapped: the weights are not read
+        obj = read(path, mmap=True)
+    except CheckpointError:  # e.g. a file saved in torch's legacy (non-zip) format
+        obj = read(path)
+    return tokenizer.from_state(obj.get("tokenizer"), str(path)).load()
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
@@ -132,11 +146,13 @@ def check_resume(
     schedule: dict,
     allow_schedule_change: bool = False,
     optimizer: str = "adamw",
+    tokenizer: Tokenizer | None = None,
 ) -> None:
     """Before Lightning restores the training checkpoint ``path``: it must hold the model that
-    ``model`` (the ``model.*`` config) describes, and the learning-rate schedule ``schedule``
-    (name -> value, as in the checkpoint's hyperparameters) unless ``allow_schedule_change``.
-    One line each, instead of Lightning's state-dict mismatch listing or a silent lr jump."""
+    ``model`` (the ``model.*`` config) describes, trained with ``tokenizer`` (the data's; not
+    checked where None), and the learning-rate schedule ``schedule`` (name -> value, as in the
+    checkpoint's hyperparameters) unless ``allow_schedule_change``. One line each, instead of
+    Lightning's state-dict mismatch listing or a silent lr jump."""
     obj = read(path)
     hp = obj.get("hyper_parameters")
     if not isinstance(hp, dict) or "loops" not in obj:
@@ -144,6 +160,14 @@ def check_resume(
             f"ckpt_path={path} is not a Lightning training checkpoint (a slm.pt holds weights "
             "only); resume from a checkpoints/last.ckpt"
         )
+    if tokenizer is not None:
+        trained_with = from_state(obj.get("tokenizer"), f"ckpt_path={path}")
+        if not trained_with.same_as(tokenizer):
+            raise CheckpointError(
+                f"ckpt_path={path} was trained with tokenizer {trained_with.describe()}, but "
+                f"data.dir holds tokens of {tokenizer.describe()}; resume with the run's "
+                "data.dir and tokenizer settings"
+            )
     changed = [f"model.{k}={hp[k]} (config: {v})" for k, v in model.items() if hp.get(k, v) != v]
     if changed:
         raise CheckpointError(

@@ -4,10 +4,11 @@ model's ``block_size`` (the last, partial window is left out).
     python -m slm.evaluate ckpt=outputs/.../slm.pt data.dir=DIR    # DIR's val split
     python -m slm.evaluate ckpt=PATH text=stories.txt              # all of any text source
 
-With ``data.dir`` (prepared on demand, like training: ``data.source`` null stands for what it
-holds) the text is its ``val.bin``. With ``text=SRC`` (any ``data.source``: a hub name, a
-file or a directory) it is every story of SRC, all its splits, tokenized into a temporary
-file: no data dir is read or written.
+With ``data.dir`` (prepared on demand, like training, with the checkpoint's own tokenizer:
+``data.source`` null stands for what it holds) the text is its ``val.bin``, which must be
+tokens of the checkpoint's tokenizer. With ``text=SRC`` (any ``data.source``: a hub name, a
+file or a directory) it is every story of SRC, all its splits, tokenized with the checkpoint's
+tokenizer into a temporary file: no data dir is read or written.
 
 The last line printed is JSON: ``{"val_loss", "val_ppl", "val_bpb", "tokens"}``. Bits per byte
 is the tokenizer-independent figure that compares with models of other tokenizers (llama2.c,
@@ -31,8 +32,9 @@ from slm.data import FixedWindows, load_tokens
 from slm.errors import ConfigError, DataError, run_cli
 from slm.model import GPT
 from slm.precision import inference_autocast
-from slm.prepare import prepare, read_meta, tokenize
-from slm.sample import load_model, resolve_device
+from slm.prepare import prepare, read_meta, read_tokenizer, tokenize
+from slm.sample import load_model, load_tokenizer, resolve_device
+from slm.tokenizer import Tokenizer
 
 
 def bits_per_byte(loss: float, tokens: int, utf8_bytes: int) -> float:
@@ -71,21 +73,42 @@ def score(
     }
 
 
-def evaluate(model: GPT, data_dir: str | Path, batch_size: int = 32) -> dict:
-    """``score`` over all of ``data_dir``/val.bin."""
+def evaluate(
+    model: GPT, data_dir: str | Path, batch_size: int = 32, tokenizer: Tokenizer | None = None
+) -> dict:
+    """``score`` over all of ``data_dir``/val.bin, which must hold tokens of ``tokenizer``
+    (the model's; a one-line ``DataError`` where they are another's; not checked where None)."""
+    if tokenizer is not None:
+        check_tokenizer(data_dir, tokenizer)
     n = len(load_tokens(data_dir, "val"))  # checked against meta.json
     val = read_meta(data_dir)["splits"]["val"]
     path = Path(data_dir) / "val.bin"
     return score(model, path, n, val["bytes"], batch_size, str(path))
 
 
-def evaluate_text(model: GPT, source: str, batch_size: int = 32) -> dict:
-    """``score`` over every story of ``source`` (any ``data.source``), tokenized into a
-    temporary file."""
+def check_tokenizer(data_dir: str | Path, tokenizer: Tokenizer) -> None:
+    """A one-line ``DataError`` where ``data_dir`` holds no tokens of ``tokenizer``."""
+    meta = read_meta(data_dir)
+    if meta is None:
+        return  # prepared on demand, with it
+    held = read_tokenizer(data_dir, meta)
+    if not held.same_as(tokenizer):
+        raise DataError(
+            f"data.dir {data_dir} holds tokens of tokenizer {held.describe()}, but the checkpoint "
+            f"was trained with {tokenizer.describe()}; evaluate on a data.dir of its own "
+            "(another data.dir is prepared with its tokenizer), or on text=SRC"
+        )
+
+
+def evaluate_text(
+    model: GPT, source: str, batch_size: int = 32, tokenizer: Tokenizer | None = None
+) -> dict:
+    """``score`` over every story of ``source`` (any ``data.source``), tokenized with
+    ``tokenizer`` (the model's; gpt2 where None) into a temporary file."""
     with tempfile.TemporaryDirectory(prefix="slm-evaluate-") as tmp:
         path = Path(tmp) / "text.bin"
         try:
-            stats = tokenize(source, path)
+            stats = tokenize(source, path, tokenizer)
         except DataError as e:  # load_source names the key it knows, data.source
             raise DataError(str(e).replace("data.source", "text", 1)) from e
         return score(model, path, stats["tokens"], stats["bytes"], batch_size, f"text={source}")
@@ -99,12 +122,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError("ckpt is required: ckpt=PATH to a .ckpt or slm.pt") from None
     device = resolve_device(cfg.device)
     model = load_model(ckpt, device)  # a bad checkpoint fails before any tokenizing
+    tok = load_tokenizer(ckpt)  # the one it was trained with
     d = cfg.data
     if cfg.text:
-        result = evaluate_text(model, str(cfg.text), d.batch_size)
+        result = evaluate_text(model, str(cfg.text), d.batch_size, tok)
     else:
-        prepare(d.source, d.dir, d.val_fraction, d.overwrite)  # a no-op when already prepared
-        result = evaluate(model, d.dir, d.batch_size)
+        if not d.overwrite:
+            check_tokenizer(d.dir, tok)  # before prepare's error, which knows no checkpoint
+        prepare(d.source, d.dir, d.val_fraction, d.overwrite, tok)  # a no-op when prepared
+        result = evaluate(model, d.dir, d.batch_size, tok)
     print(json.dumps(result))
     return result
 
