@@ -373,9 +373,8 @@ def fit_bpe(src: str, config: Mapping, val_fraction: float) -> tuple[BPETokenize
                 f"({used['first']:,} bytes): the BPE would learn from nothing; raise it"
             )
         raise DataError(f"data.source {src} holds no training text; check the files")
-    training = {**{k: config[k] for k in ("vocab_size", "train_bytes")}}
-    training.update(stories=used["stories"], bytes=used["bytes"])
-    return tok, training
+    training = {k: config[k] for k in ("vocab_size", "train_bytes")}
+    return tok, {**training, "stories": used["stories"], "bytes": used["bytes"]}
 
 
 def tokenizer_config(meta: dict) -> dict | None:
