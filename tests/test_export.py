@@ -449,16 +449,28 @@ def test_bpe_export_tokenizes_and_computes_as_slm(bpe_run, bpe_export, v1_txt, v
         torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-4, atol=1e-4)
 
 
-def test_init_from_a_bpe_export_takes_its_tokenizer(bpe_run, bpe_export, v2_txt, tmp_path):
+def test_init_from_a_bpe_export_takes_its_tokenizer(
+    bpe_run, bpe_export, v2_txt, tmp_path, monkeypatch
+):
     """A new data dir is tokenized with the export's BPE (not gpt2, not a new one): the same
-    bins as the run it came from, and the model's vocab and EOT are the BPE's."""
-    from slm.train import prepare_data
+    bins as the run it came from, and the model's vocab and EOT are the BPE's. Asking for
+    another tokenizer on the command line is a one-line error."""
+    from slm import train as train_module
 
-    cfg = compose("train", ["model=tiny", f"init_from={bpe_export}", f"data.source={v2_txt}",
-                            "data.val_fraction=0.05", f"data.dir={tmp_path / 'data'}"])  # fmt: skip
+    args = ["model=tiny", f"init_from={bpe_export}", f"data.source={v2_txt}",
+            "data.val_fraction=0.05", f"data.dir={tmp_path / 'data'}"]  # fmt: skip
+    cfg = compose("train", args)
     apply_init_from(cfg, {})
-    tok = prepare_data(cfg)
+    tok = train_module.prepare_data(cfg)
     assert tok.json == (bpe_export / "tokenizer.json").read_text(encoding="utf-8")
     assert (cfg.model.vocab_size, cfg.model.eot_id) == (4096, 0)
     for name in ("tokenizer.json", "train.bin", "val.bin"):
         assert (tmp_path / "data" / name).read_bytes() == (bpe_run[1] / name).read_bytes()
+
+    monkeypatch.setattr(train_module, "command_line", lambda group: ["tokenizer=gpt2"])
+    with pytest.raises(ConfigError) as e:
+        train_module.prepare_data(compose("train", args))
+    assert str(e.value) == (
+        f"init_from={bpe_export} fixes the tokenizer ({tok.describe()}), but tokenizer=gpt2 "
+        "asks for another; drop the override"
+    )
