@@ -167,14 +167,18 @@ class Run:
         self.model.train()
         train = self.meta["splits"]["train"]
         tokens_per_s = self.tokens / self.elapsed
+        median = statistics.median(self.times)
         return {
             "bytes_per_token": val["bytes"] / (val["tokens"] - val["stories"]),
             "tokens_per_s": tokens_per_s,
             "bytes_per_s": tokens_per_s * train["bytes"] / train["tokens"],
+            # The same at the median step's time: what a quiet machine gives (spikes of load
+            # from other processes lengthen some steps, the short ones most in proportion).
+            "median_tokens_per_s": self.tokens / len(self.times) / median,
             "val_bpb": result["val_bpb"],
             "val_loss": result["val_loss"],
             "steps": len(self.times),
-            "step_ms_median": statistics.median(self.times) * 1e3,
+            "step_ms_median": median * 1e3,
             "step_ms_spread": (max(self.times) - min(self.times)) * 1e3,
         }
 
@@ -209,13 +213,14 @@ def bench_training(source: Path, work: Path, args) -> None:
           f"{args.batch}, wall time per run {args.seconds} s\n")  # fmt: skip
     print(
         "| model | tokenizer | params | held-out bytes/token | train tokens/s | train bytes/s "
-        "| steps | held-out bpb | load avg (start -> end) |"
+        "| tokens/s at the median step | steps | held-out bpb | load avg (start -> end) |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r, m, load, end, _ in rows:
         model, tok = r.name.split(" / ")
         print(f"| {model} | {tok} | {r.params / 1e6:.1f}M | {m['bytes_per_token']:.2f} | "
-              f"{m['tokens_per_s']:,.0f} | {m['bytes_per_s']:,.0f} | {m['steps']} | "
+              f"{m['tokens_per_s']:,.0f} | {m['bytes_per_s']:,.0f} | "
+              f"{m['median_tokens_per_s']:,.0f} | {m['steps']} | "
               f"{m['val_bpb']:.4f} | {load[0]:.1f} -> {end[0]:.1f} |")  # fmt: skip
     print("\n" + json.dumps([{"run": r.name, **m} for r, m, *_ in rows], indent=1))
 
