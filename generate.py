@@ -78,6 +78,16 @@ def run(cfg: DictConfig) -> int:
             t0 = time.perf_counter()
             warm_up(model, n)
             compile_s = time.perf_counter() - t0
+        ids, block = tok.encode(prompt), model.config.block_size
+        if len(ids) > block:  # said before the text starts, where it is seen
+            kept = tok.decode(ids[-block:])
+            print(
+                f"warning: the prompt has {len(ids)} tokens, more than the model's context "
+                f"(block_size={block}): the stories continue from its last {block} tokens "
+                f"only, {len(kept)} of its {len(prompt)} characters, from {kept[:24]!r}",
+                file=err,
+            )
+            ids = ids[-block:]
         header(0)
         out.write(prompt)
         out.flush()
@@ -85,7 +95,7 @@ def run(cfg: DictConfig) -> int:
         try:
             samples = generate(
                 model,
-                tok.encode(prompt),
+                ids,
                 cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,

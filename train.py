@@ -7,11 +7,11 @@ python train.py -m model=tiny,small optim.lr=3e-4,1e-3      # a sweep, one job e
 import hydra
 from omegaconf import DictConfig
 
-from slm.train import main as train_main
-
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from slm.train import main as train_main  # torch and Lightning: once the run dir is ours
+
     return train_main(cfg)
 
 

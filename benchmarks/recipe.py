@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from slm.config import compose, resolve_hardware, validate
 from slm.data import FixedWindows, RandomWindows, load_tokens
-from slm.module import lr_at
+from slm.module import WarmupCosine
 from slm.optim import build_optimizer
 from slm.prepare import prepare
 from slm.train import build_module
@@ -68,9 +68,7 @@ class Recipe:
             fused=args.device == "cuda", muon_lr=h.muon_lr, muon_momentum=h.muon_momentum,
             muon_weight_decay=h.muon_weight_decay,
         )  # fmt: skip
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_at(s, h.lr, h.min_lr, h.warmup_steps, args.steps) / h.lr
-        )
+        self.sched = WarmupCosine(self.opt, h.lr, h.min_lr, h.warmup_steps, args.steps)
         self.forward = torch.compile(self.model) if args.compile else self.model
         self.times: list[float] = []
         self.train_loss = float("nan")

@@ -12,17 +12,21 @@ the families ``slm.export`` writes (``slm.export.read_hf``). Every problem is a 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 import warnings
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from slm import tokenizer
 from slm.errors import CheckpointError, ConfigError, first_line
 from slm.model import GPT, GPTConfig
 from slm.tokenizer import Tokenizer, from_state
+
+log = logging.getLogger(__name__)
 
 
 def read(path: str | Path, mmap: bool = False) -> dict:
@@ -140,22 +144,32 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     return model.to(device).eval()
 
 
+# How a resume treats each of GPTModule's hyperparameters that differs from the checkpoint's
+# (check_resume): the model and the optimizer must be the checkpoint's; the schedule too, unless
+# allow_schedule_change; the other optimizer settings apply as given (GPTModule restores the
+# optimizer's state under this run's settings). A run setting that is no hyperparameter
+# (compile) is not in the checkpoint.
+SCHEDULE = ("lr", "min_lr", "warmup_steps", "max_steps", "muon_lr")
+FOLLOWS_THE_RUN = ("fused",)  # a kernel, not a number of the training: never reported
+CONFIG_KEY = {"max_steps": "trainer.max_steps", "optimizer": "optim.name"}
+
+
 def check_resume(
     path: str | Path,
-    model: dict,
-    schedule: dict,
+    hparams: dict,
     allow_schedule_change: bool = False,
-    optimizer: str = "adamw",
     tokenizer: Tokenizer | None = None,
 ) -> None:
-    """Before Lightning restores the training checkpoint ``path``: it must hold the model that
-    ``model`` (the ``model.*`` config) describes, trained with ``tokenizer`` (the data's; not
-    checked where None), and the learning-rate schedule ``schedule`` (name -> value, as in the
-    checkpoint's hyperparameters) unless ``allow_schedule_change``. One line each, instead of
-    Lightning's state-dict mismatch listing or a silent lr jump."""
+    """Before Lightning restores the training checkpoint ``path`` into a ``GPTModule`` built
+    from ``hparams`` (its keyword arguments): the checkpoint must have been trained with
+    ``tokenizer`` (the data's; not checked where None) and hold the same model (every
+    ``GPTConfig`` field) and optimizer, and the same learning-rate ``SCHEDULE`` unless
+    ``allow_schedule_change``; each a one-line error, instead of Lightning's state-dict
+    mismatch listing or a silent lr jump. Other optimizer settings that differ (weight decay,
+    betas, Muon's momentum) are applied, and listed on one warning line."""
     obj = read(path)
-    hp = obj.get("hyper_parameters")
-    if not isinstance(hp, dict) or "loops" not in obj:
+    stored = obj.get("hyper_parameters")
+    if not isinstance(stored, dict) or "loops" not in obj:
         raise CheckpointError(
             f"ckpt_path={path} is not a Lightning training checkpoint (a slm.pt holds weights "
             "only); resume from a checkpoints/last.ckpt"
@@ -168,24 +182,60 @@ def check_resume(
                 f"data.dir holds tokens of {tokenizer.describe()}; resume with the run's "
                 "data.dir and tokenizer settings"
             )
-    changed = [f"model.{k}={hp[k]} (config: {v})" for k, v in model.items() if hp.get(k, v) != v]
-    if changed:
+    model = {f.name for f in dataclasses.fields(GPTConfig)}
+    # A key that older checkpoints lack had its default then: GPT-2's knobs, AdamW.
+    defaults = {**GPTConfig().to_dict(), "optimizer": "adamw"}
+    changed = {}
+    for key, value in hparams.items():
+        old = stored.get(key, defaults.get(key, value))
+        if _plain(old) != _plain(value):
+            changed[key] = old, value
+    wrong = [f"model.{k}={old} (config: {new})" for k, (old, new) in changed.items() if k in model]
+    if wrong:
         raise CheckpointError(
-            f"ckpt_path={path} holds another model: {', '.join(changed)}; resume with the "
+            f"ckpt_path={path} holds another model: {', '.join(wrong)}; resume with the "
             "checkpoint's model settings"
         )
-    trained_with = hp.get("optimizer", "adamw")
-    if trained_with != optimizer:
+    if "optimizer" in changed:
+        old, new = changed["optimizer"]
         raise CheckpointError(
-            f"ckpt_path={path} was trained with optim={trained_with}, not optim={optimizer}: "
-            f"its optimizer state cannot go on in another; resume with optim={trained_with}"
+            f"ckpt_path={path} was trained with optim={old}, not optim={new}: its optimizer "
+            f"state cannot go on in another; resume with optim={old}"
         )
-    changed = [f"{k}: {hp[k]} -> {v}" for k, v in schedule.items() if k in hp and hp[k] != v]
-    if changed and not allow_schedule_change:
+    schedule = [f"{k}: {old} -> {new}" for k, (old, new) in changed.items() if k in SCHEDULE]
+    if schedule and not allow_schedule_change:
         raise CheckpointError(
-            f"ckpt_path={path} was trained on another schedule ({'; '.join(changed)}): resuming "
+            f"ckpt_path={path} was trained on another schedule ({'; '.join(schedule)}): resuming "
             "would jump the learning rate; keep the run's values, or pass "
             "allow_schedule_change=true to go on with the new schedule from the checkpoint's step"
+        )
+    applied = [
+        f"{CONFIG_KEY.get(k, 'optim.' + k)}={new} (checkpoint: {old})"
+        for k, (old, new) in changed.items()
+        if k not in model and k not in FOLLOWS_THE_RUN
+    ]
+    if applied:
+        rank_zero_only(log.warning)("resuming with %s", ", ".join(applied))
+
+
+def _plain(value):
+    """Lists and tuples alike (``betas`` is either, depending on where it came from)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_resume_data(path: str | Path, data_dir: str | Path, allow_change: bool = False) -> None:
+    """Resuming the training checkpoint ``path`` on another ``data.dir`` than it was trained
+    on would switch the validation set and mix two sets' losses in ``best_val_loss``: a
+    one-line ``CheckpointError``, unless ``allow_change``. Checkpoints that do not record
+    their data dir pass."""
+    obj = read(path, mmap=True)  # no copy of the weights
+    trained_on = (obj.get("TokenDataModule") or {}).get("dir")
+    here = Path(data_dir).expanduser().resolve()
+    if trained_on and Path(trained_on) != here and not allow_change:
+        raise CheckpointError(
+            f"ckpt_path={path} was trained on data.dir={trained_on}, not {here}: the validation "
+            "set would change and best_val_loss would mix the two; resume with "
+            f"data.dir={trained_on}, or pass allow_data_change=true to go on with the new data"
         )
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from slm.errors import ConfigError, override
 from slm.model import CHOICES
@@ -161,32 +163,73 @@ def _choice(group: str) -> str:
 def _is_number(x, integer: bool = False) -> bool:
     if isinstance(x, bool):
         return False
-    return isinstance(x, int) if integer else isinstance(x, (int, float))
+    if integer:
+        return isinstance(x, int)
+    return isinstance(x, (int, float)) and math.isfinite(x)  # nan and inf are no settings
+
+
+# Every numeric knob's range: key -> (integer?, the test, what it must be). A key that the
+# config does not hold (optim.muon_* under optim=adamw) is not checked.
+RANGES: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    **{f"model.{k}": (True, lambda x: x >= 1, "a positive integer")
+       for k in ("n_layer", "n_head", "n_embd", "block_size")},
+    "model.dropout": (False, lambda x: 0 <= x < 1, "in [0, 1)"),
+    "model.rope_theta": (False, lambda x: x > 0, "positive"),
+    "optim.lr": (False, lambda x: x > 0, "positive"),
+    "optim.min_lr": (False, lambda x: x >= 0, ">= 0"),
+    "optim.weight_decay": (False, lambda x: x >= 0, ">= 0 (0: no weight decay)"),
+    "optim.muon_lr": (False, lambda x: x > 0, "positive"),
+    "optim.muon_momentum": (False, lambda x: 0 < x < 1, "in (0, 1)"),
+    "optim.muon_weight_decay": (False, lambda x: x >= 0, ">= 0"),
+    **{f"trainer.{k}": (True, lambda x: x >= 1, "a positive integer")
+       for k in ("max_steps", "accumulate_grad_batches", "log_every_n_steps", "num_nodes")},
+    "trainer.gradient_clip_val": (False, lambda x: x >= 0, ">= 0 (or null: no clipping)"),
+    "val_every_n_steps": (True, lambda x: x >= 1, "a positive integer"),
+    "seed": (True, lambda x: x >= 0, "an integer >= 0"),
+    "data.batch_size": (True, lambda x: x >= 1, "a positive integer"),
+    "data.num_workers": (True, lambda x: x >= 0, "an integer >= 0"),
+    "data.val_fraction": (False, lambda x: 0 < x < 1, "in (0, 1)"),
+    "data.max_stories": (True, lambda x: x >= 1, "a positive integer (or null: all)"),
+    "sample.max_new_tokens": (True, lambda x: x >= 0, "an integer >= 0"),
+}  # fmt: skip
+NULLABLE = ("trainer.gradient_clip_val", "data.max_stories")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Each knob of ``RANGES`` a number of the right kind and in its range (a one-line
+    ``ConfigError`` for the first that is not); checks across knobs follow in ``validate``."""
+    for key, (integer, ok, what) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=KeyError)
+        if value is KeyError or (value is None and key in NULLABLE):
+            continue
+        if not _is_number(value, integer):
+            raise ConfigError(f"{key}={value} must be {what if integer else 'a number'}")
+        if not ok(value):
+            raise ConfigError(f"{key}={value} must be {what}")
+    betas = cfg.optim.get("betas")
+    if not (
+        isinstance(betas, Sequence)
+        and len(betas) == 2
+        and all(_is_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1), e.g. [0.9,0.95]")
+    vw = cfg.data.val_windows
+    if not (vw == "all" or (_is_number(vw, integer=True) and vw >= 1)):
+        raise ConfigError(f"data.val_windows={vw} must be a positive integer or 'all'")
+    if cfg.get("tokenizer") is not None:
+        check_tokenizer_config(cfg.tokenizer)
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` on the first invalid value or combination of values; fill
     ``optim.warmup_steps=auto`` (``min(200, max_steps // 10)``: short runs warm up too)."""
     m, o, t = cfg.model, cfg.optim, cfg.trainer
-    for key in ("n_layer", "n_head", "n_embd", "block_size"):
-        if not _is_number(m[key], integer=True) or m[key] < 1:
-            raise ConfigError(f"model.{key}={m[key]} must be a positive integer")
+    _check_ranges(cfg)
     if m.n_embd % m.n_head != 0:
         raise ConfigError(
             f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
             "pick n_embd as a multiple of n_head"
         )
-    if not _is_number(m.dropout) or not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout={m.dropout} must be a number in [0, 1)")
-    for key in ("lr", "min_lr", "weight_decay"):
-        if not _is_number(o[key]):
-            raise ConfigError(f"optim.{key}={o[key]} must be a number (e.g. optim.{key}=3e-4)")
-    for key in ("max_steps", "accumulate_grad_batches"):
-        if not _is_number(t[key], integer=True) or t[key] < 1:
-            raise ConfigError(f"trainer.{key}={t[key]} must be a positive integer")
-    for key in ("val_every_n_steps", "seed"):
-        if not _is_number(cfg[key], integer=True) or cfg[key] < (0 if key == "seed" else 1):
-            raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
     if o.warmup_steps == "auto":
         with open_dict(cfg):
             o.warmup_steps = min(200, t.max_steps // 10)
@@ -206,23 +249,11 @@ def validate(cfg: DictConfig) -> None:
             f"model.positions=rope rotates pairs of dimensions: the head size "
             f"n_embd/n_head={m.n_embd // m.n_head} must be even; change model.n_embd or n_head"
         )
-    if m.positions == "rope" and not m.rope_theta > 0:
-        raise ConfigError(f"model.rope_theta={m.rope_theta} must be positive")
     if o.name not in OPTIMIZERS:
         raise ConfigError(
             f"optim.name={o.name} is not one of {', '.join(OPTIMIZERS)}; "
             "use optim=adamw or optim=muon"
         )
-    if o.name == "muon":
-        for key in ("muon_lr", "muon_momentum"):
-            if not o[key] > 0:
-                raise ConfigError(f"optim.{key}={o[key]} must be positive")
-        if o.muon_weight_decay < 0:
-            raise ConfigError(f"optim.muon_weight_decay={o.muon_weight_decay} must not be negative")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be positive")
-    if o.min_lr < 0:
-        raise ConfigError(f"optim.min_lr={o.min_lr} must not be negative")
     if o.min_lr > o.lr:
         raise ConfigError(
             f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule would rise "
@@ -233,10 +264,3 @@ def validate(cfg: DictConfig) -> None:
             f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}; "
             "lower the warmup or train longer"
         )
-    if not _is_number(cfg.data.batch_size, integer=True) or cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a positive integer")
-    if cfg.get("tokenizer") is not None:
-        check_tokenizer_config(cfg.tokenizer)
-    vw = cfg.data.val_windows
-    if not (vw == "all" or (_is_number(vw, integer=True) and vw >= 1)):
-        raise ConfigError(f"data.val_windows={vw} must be a positive integer or 'all'")

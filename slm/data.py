@@ -12,11 +12,13 @@ same at every evaluation, so val curves are comparable.
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from slm import tokenizer
@@ -30,6 +32,8 @@ from slm.prepare import (
     reprepare,
 )
 from slm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
@@ -169,19 +173,23 @@ class TokenDataModule(L.LightningDataModule):
         overwrite: bool = False,
         seed: int = 1337,
         tokenizer=None,
+        max_stories: int | None = None,
     ) -> None:
         super().__init__()
         self.dir, self.source = Path(dir).expanduser().resolve(), source
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.val_fraction, self.val_windows, self.overwrite = val_fraction, val_windows, overwrite
-        self.seed = seed
         self.tokenizer_request = tokenizer
         self.tokenizer: Tokenizer | None = None
+        self.seed, self.max_stories = seed, max_stories
         self.n_tokens: dict[str, int] = {}
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node, before setup().
-        prepare(self.source, self.dir, self.val_fraction, self.overwrite, self.tokenizer_request)
+        prepare(
+            self.source, self.dir, self.val_fraction, self.overwrite, self.tokenizer_request,
+            self.max_stories,
+        )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
@@ -216,6 +224,33 @@ class TokenDataModule(L.LightningDataModule):
             self.dir / "train.bin", self.block_size, self.batch_size, self.seed, rank, start
         )
         return self._loader(stream, batch_size=None)
+
+    def state_dict(self) -> dict:
+        """What the checkpoint records of the data: the dir it trains and validates on (a
+        resume on another is refused, ``checkpoint.check_resume_data``) and the global batch's
+        factors."""
+        t = self.trainer
+        return {
+            "dir": str(self.dir),
+            "batch_size": self.batch_size,
+            "world_size": t.world_size if t is not None else 1,
+            "accumulate": t.accumulate_grad_batches if t is not None else 1,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: a global batch other than the checkpoint's run's is said on one line."""
+        now = self.state_dict()
+        if "batch_size" not in state:  # a checkpoint from before the batch was recorded
+            return
+        was, is_ = (s["batch_size"] * s["world_size"] * s["accumulate"] for s in (state, now))
+        if was != is_:
+            rank_zero_only(log.warning)(
+                "resuming at a global batch of %d sequences (data.batch_size=%d x %d devices x "
+                "accumulate %d), where the checkpoint's run trained at %d (%d x %d x %d): each "
+                "optimizer step now sees another number of tokens",
+                is_, now["batch_size"], now["world_size"], now["accumulate"],
+                was, state["batch_size"], state["world_size"], state["accumulate"],
+            )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         rank, world = 0, 1

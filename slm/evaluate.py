@@ -10,23 +10,33 @@ tokens of the checkpoint's tokenizer. With ``text=SRC`` (any ``data.source``: a 
 file or a directory) it is every story of SRC, all its splits, tokenized with the checkpoint's
 tokenizer into a temporary file: no data dir is read or written.
 
-The last line printed is JSON: ``{"val_loss", "val_ppl", "val_bpb", "tokens"}``. Bits per byte
-is the tokenizer-independent figure that compares with models of other tokenizers (llama2.c,
-the TinyStories paper): ``val_loss / ln 2 * tokens / utf8_bytes`` over the text.
+    python -m slm.evaluate ckpt=PATH data.dir=DIR stories=50 [judge=URL_OR_DIR]
+
+``stories=N`` adds the story suite (``slm.stories``): N openings of held-out stories of the
+same text (the val split, or all of ``text``), completed by the model and measured; the
+completions go to ``stories_out`` (default ``<checkpoint name>.stories.jsonl`` beside it).
+
+The last line printed is JSON: ``{"val_loss", "val_ppl", "val_bpb", "tokens"}``, and
+``"stories"`` with the suite's numbers. Bits per byte is the tokenizer-independent figure
+that compares with models of other tokenizers (llama2.c, the TinyStories paper):
+``val_loss / ln 2 * tokens / utf8_bytes`` over the text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
+from slm import stories
 from slm.config import compose
 from slm.data import FixedWindows, load_tokens
 from slm.errors import ConfigError, DataError, run_cli
@@ -100,17 +110,26 @@ def check_tokenizer(data_dir: str | Path, tokenizer: Tokenizer) -> None:
         )
 
 
-def evaluate_text(
-    model: GPT, source: str, batch_size: int = 32, tokenizer: Tokenizer | None = None
-) -> dict:
-    """``score`` over every story of ``source`` (any ``data.source``), tokenized with
-    ``tokenizer`` (the model's; gpt2 where None) into a temporary file."""
+@contextlib.contextmanager
+def tokenized_text(source: str, tokenizer: Tokenizer | None = None) -> Iterator[tuple[Path, dict]]:
+    """Every story of ``source`` (any ``data.source``) tokenized with ``tokenizer`` (the
+    model's; gpt2 where None) into a temporary file: ``(path, {"tokens", "bytes", ...})``,
+    deleted on leaving."""
     with tempfile.TemporaryDirectory(prefix="slm-evaluate-") as tmp:
         path = Path(tmp) / "text.bin"
         try:
             stats = tokenize(source, path, tokenizer)
         except DataError as e:  # load_source names the key it knows, data.source
             raise DataError(str(e).replace("data.source", "text", 1)) from e
+        yield path, stats
+
+
+def evaluate_text(
+    model: GPT, source: str, batch_size: int = 32, tokenizer: Tokenizer | None = None
+) -> dict:
+    """``score`` over every story of ``source`` (any ``data.source``), tokenized with
+    ``tokenizer`` (the model's; gpt2 where None) into a temporary file."""
+    with tokenized_text(source, tokenizer) as (path, stats):
         return score(model, path, stats["tokens"], stats["bytes"], batch_size, f"text={source}")
 
 
@@ -120,17 +139,36 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = cfg.ckpt
     except MissingMandatoryValue:
         raise ConfigError("ckpt is required: ckpt=PATH to a .ckpt or slm.pt") from None
+    stories.check(cfg)
     device = resolve_device(cfg.device)
     model = load_model(ckpt, device)  # a bad checkpoint fails before any tokenizing
     tok = load_tokenizer(ckpt)  # the one it was trained with
+    out = Path(cfg.stories_out).expanduser() if cfg.stories_out else stories.completions_path(ckpt)
+
+    def suite(path: Path) -> dict:
+        held_out = stories.TokenStories(path, tok)
+        result = stories.run(
+            model, tok, held_out, cfg.stories, cfg.suite, out, cfg.judge, device=device
+        )
+        n = sum(result[mode]["completions"] for mode in stories.MODES if mode in result)
+        print(f"wrote {n} completions of {result['openings']} openings to {out}", file=sys.stderr)
+        return result
+
     d = cfg.data
     if cfg.text:
-        result = evaluate_text(model, str(cfg.text), d.batch_size, tok)
+        with tokenized_text(str(cfg.text), tok) as (path, stats):
+            name = f"text={cfg.text}"
+            result = score(model, path, stats["tokens"], stats["bytes"], d.batch_size, name)
+            if cfg.stories:
+                result["stories"] = suite(path)
     else:
         if not d.overwrite:
             check_tokenizer(d.dir, tok)  # before prepare's error, which knows no checkpoint
-        prepare(d.source, d.dir, d.val_fraction, d.overwrite, tok)  # a no-op when prepared
+        # A no-op when already prepared.
+        prepare(d.source, d.dir, d.val_fraction, d.overwrite, tok, d.get("max_stories"))
         result = evaluate(model, d.dir, d.batch_size, tok)
+        if cfg.stories:
+            result["stories"] = suite(Path(d.dir).expanduser() / "val.bin")
     print(json.dumps(result))
     return result
 

@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from slm import tokenizer
-from slm.errors import CheckpointError, ConfigError, SlmError, first_line, run_cli
+from slm.errors import CheckpointError, ConfigError, SlmError, describe, first_line, run_cli
 from slm.model import GPTConfig
 from slm.tokenizer import EOT_ID, VOCAB_SIZE, BPETokenizer, Tokenizer, save_hf_tokenizer
 
@@ -63,7 +63,11 @@ def hf_family(c: GPTConfig) -> str:
         return ConfigError(f"cannot export {knob}: {why}; exportable are {EXPORTABLE}")
 
     if c.mlp == "relu2":
-        raise refuse("model.mlp=relu2", "no transformers family computes ReLU^2 MLPs")
+        raise ConfigError(
+            "cannot export model.mlp=relu2: no transformers family computes ReLU^2 MLPs; train "
+            "with model.mlp=swiglu to export (arch=modern model.mlp=swiglu exports as Qwen 3); "
+            f"exportable are {EXPORTABLE}"
+        )
     if c.positions == "learned":  # GPT-2 is the one family with learned absolute positions
         if c.norm != "layernorm":
             raise refuse("model.norm=rmsnorm with model.positions=learned", "GPT-2 has LayerNorm")
@@ -192,8 +196,14 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         raise ConfigError(f"out={out} is not empty; pass overwrite=true to replace it")
     transformers = _import("transformers")
     _import("safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise ConfigError(
+            f"out={out}: cannot write in {out.parent} ({e.strerror}); choose a directory you "
+            "can write"
+        ) from e
     try:
         config = transformers.AutoConfig.for_model(family, **hf_config(c, family))
         hf = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -224,9 +234,14 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
             except OSError:
                 os.replace(old, out)  # the old one back: nothing half-replaced
                 raise
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:  # a full disk, a mount turned read-only: out is as it was
+        raise SlmError(
+            f"out={out}: writing failed ({describe(e)}); nothing was written to {out}, free "
+            "space or choose another directory"
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -325,8 +340,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 model = AutoModelForCausalLM.from_pretrained("{name}")
 ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
-# The prompt and the new tokens must fit the model's context of {c.block_size} tokens.
-out = model.generate(ids, max_new_tokens={max(1, c.block_size - 16)}, do_sample=True, top_k=200)
+room = model.config.max_position_embeddings - ids.shape[1]  # the context: {c.block_size} tokens
+out = model.generate(ids, max_new_tokens=min(200, room), do_sample=True, top_k=200)
 print(tokenizer.decode(out[0]))
 ```
 

@@ -292,6 +292,19 @@ class GPT(nn.Module):
             emb += self.transformer.wpe.weight.numel()
         return {"total": total, "embedding": emb, "non_embedding": total - emb}
 
+    def _embed(self, idx: torch.Tensor, pos: torch.Tensor):
+        """The input of the first block for tokens ``idx`` (B, T) at positions ``pos`` ((T,),
+        or (B, T) for a position per row), and RoPE's (cos, sin) of those positions (None with
+        learned positions), shaped to broadcast over the heads of (B, n_head, T, head_size)."""
+        x, rope = self.transformer.wte(idx), None
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = self.rope_cos[pos], self.rope_sin[pos]  # (T, hs / 2) or (B, T, hs / 2)
+            if pos.dim() == 2:
+                rope = rope[0][:, None], rope[1][:, None]  # (B, 1, T, hs / 2)
+        return self.transformer.drop(x), rope
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -309,12 +322,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}"
             )
-        x, rope = self.transformer.wte(idx), None
-        if self.config.positions == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-        x = self.transformer.drop(x)
+        x, rope = self._embed(idx, torch.arange(start, start + T, device=idx.device))
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, rope)
         if cache is not None:
@@ -346,12 +354,7 @@ class GPT(nn.Module):
         nor advanced (a Python int would be baked into a compiled graph): the caller keeps it.
         Equal to ``forward(idx, cache=cache, last_only=True)`` up to float rounding."""
         pos = pos.expand(idx.size(0))  # (B,)
-        x = self.transformer.wte(idx)
-        rope = None
-        if self.config.positions == "learned":
-            x = x + self.transformer.wpe(pos)[:, None]
-        else:  # (B, 1, 1, head_size / 2): broadcast over heads
-            rope = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
+        x, rope = self._embed(idx, pos[:, None])
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, rope, pos)
         logits = self.lm_head(self.transformer.ln_f(x))
@@ -374,11 +377,12 @@ class GPT(nn.Module):
         if not 0 <= keep <= cache.pos:
             raise ValueError(f"keep={keep} must be in [0, cache.pos={cache.pos}]")
         d = cache.pos - keep
-        # cos(-a) = cos(a), sin(-a) = -sin(a): rotate back by d positions.
-        cos, sin = self.rope_cos[d], -self.rope_sin[d]
-        for k, v in zip(cache.k, cache.v) if d else ():
-            k[:, :, :keep] = apply_rope(k[:, :, d : cache.pos], cos, sin)
-            v[:, :, :keep] = v[:, :, d : cache.pos].clone()  # the ranges may overlap
+        if d and keep:  # (keep=0 moves nothing: d may then be block_size, past the table)
+            # cos(-a) = cos(a), sin(-a) = -sin(a): rotate back by d positions.
+            cos, sin = self.rope_cos[d], -self.rope_sin[d]
+            for k, v in zip(cache.k, cache.v):
+                k[:, :, :keep] = apply_rope(k[:, :, d : cache.pos], cos, sin)
+                v[:, :, :keep] = v[:, :, d : cache.pos].clone()  # the ranges may overlap
         cache.pos = keep
 
     def configure_optimizer(

@@ -28,6 +28,40 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
+    """``lr_at``: each param group's lr times ``lr_at(step) / lr``, stepped once per optimizer
+    step. Restored from a checkpoint, it takes the step count only and keeps this run's lrs
+    (LambdaLR's own state would bring back the checkpoint's): a resume with another schedule
+    (``allow_schedule_change``) trains on the new one from its first step."""
+
+    def __init__(self, optimizer, lr: float, min_lr: float, warmup_steps: int, max_steps: int):
+        super().__init__(optimizer, lambda s: lr_at(s, lr, min_lr, warmup_steps, max_steps) / lr)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        base_lrs = self.base_lrs
+        super().load_state_dict(state_dict)
+        self.base_lrs = base_lrs
+        self._last_lr = [lr * f(self.last_epoch) for lr, f in zip(base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+
+def keep_this_runs_settings(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict | None:
+    """An ``Optimizer.load_state_dict`` pre-hook: the checkpoint brings the optimizer's state
+    (moments, momentum buffers, step counts), this run its settings. torch would take every
+    param-group setting from the checkpoint: a new ``weight_decay``, ``betas`` or Muon
+    ``momentum`` ignored, and a ``fused=False`` checkpoint resumed with fused AdamW under fp16
+    loss scaling crashing at its first step. (The lr is the schedule's: ``WarmupCosine``.)"""
+    saved = state_dict["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        return None  # another optimizer: torch's own error
+    groups = [
+        {**old, **{k: v for k, v in new.items() if k != "params"}}
+        for old, new in zip(saved, optimizer.param_groups)
+    ]
+    return {**state_dict, "param_groups": groups}
+
+
 class GPTModule(L.LightningModule):
     """Built from primitives only (``save_hyperparameters``), so a checkpoint loads with
     ``GPTModule.load_from_checkpoint(path)`` and no Hydra."""
@@ -75,6 +109,7 @@ class GPTModule(L.LightningModule):
         self.model = GPT(self.config)
         self.compile_mode = compile
         self._compiled = None  # the GPT's compiled forward, made in configure_model
+        self._step_loss = None  # (sum, count) over the optimizer step's micro-batches
         self._val_sum: list[torch.Tensor] = []
         self.val_tokens_per_byte: float | None = None  # for val/bpb, from the data's meta.json
         # The data's tokenizer (set in setup), stored in every checkpoint so that a checkpoint
@@ -95,9 +130,15 @@ class GPTModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self(x, y)
+        # train/loss is the optimizer step's mean over its micro-batches: a running mean, reset
+        # at the step's first micro-batch (Lightning's own test: batch_idx % accumulate == 0),
+        # logged at every micro-batch; Lightning writes it out at the step's last.
         # No host sync here (no .item(), no isfinite branch): RunHistory reads the loss, and
         # checks that it is finite, on logging steps only.
-        self.log("train/loss", loss, prog_bar=True)
+        first = batch_idx % self.trainer.accumulate_grad_batches == 0
+        total, n = (0, 0) if first or self._step_loss is None else self._step_loss
+        self._step_loss = total + loss.detach(), n + 1
+        self.log("train/loss", self._step_loss[0] / self._step_loss[1], prog_bar=True)
         return loss
 
     # -- validation: token-weighted mean loss over all val windows, then ppl and bpb from it.
@@ -144,7 +185,9 @@ class GPTModule(L.LightningModule):
             self.val_tokens_per_byte = val["tokens"] / val["bytes"]
         self.tokenizer = getattr(datamodule, "tokenizer", None) or self.tokenizer
         if stage == "fit" and datamodule is not None:
+            # What SyncFreeThroughputMonitor turns into FLOPs/s and MFU.
             self.flops_per_batch = self.count_flops(datamodule.batch_size)
+            self.val_flops_per_sample = self.count_flops(1, backward=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.tokenizer is not None:
@@ -154,13 +197,15 @@ class GPTModule(L.LightningModule):
         if self.tokenizer is None:  # load_from_checkpoint: the one it was trained with
             self.tokenizer = from_state(checkpoint.get("tokenizer"))
 
-    def count_flops(self, batch_size: int) -> int:
-        """FLOPs of one training step (forward + backward) on a batch, counted by PyTorch on
-        the meta device (no memory, no compute): what ThroughputMonitor turns into MFU."""
+    def count_flops(self, batch_size: int, backward: bool = True) -> int:
+        """FLOPs of the loss on a batch of ``batch_size`` windows, forward and backward (a
+        training micro-batch) or forward only (validation), counted by PyTorch on the meta
+        device (no memory, no compute)."""
         with torch.device("meta"):
             model = GPT(self.config)
             x = torch.randint(0, self.config.vocab_size, (batch_size, self.config.block_size))
-        return measure_flops(model, lambda: model(x, x)[1], loss_fn=lambda loss: loss)
+        loss_fn = (lambda loss: loss) if backward else None
+        return measure_flops(model, lambda: model(x, x)[1], loss_fn=loss_fn)
 
     def configure_optimizers(self):
         h = self.hparams
@@ -175,11 +220,11 @@ class GPTModule(L.LightningModule):
             self.model, h.optimizer, h.lr, h.weight_decay, tuple(h.betas), fused=fused,
             muon_lr=h.muon_lr, muon_momentum=h.muon_momentum, muon_weight_decay=h.muon_weight_decay,
         )  # fmt: skip
-        # LambdaLR multiplies the base lr; Lightning steps it once per optimizer step
-        # ("interval": "step"), so gradient accumulation does not stretch the schedule.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_at(s, h.lr, h.min_lr, h.warmup_steps, max_steps) / h.lr
-        )
+        # A resume restores the state, but keeps this run's settings and schedule.
+        optimizer.register_load_state_dict_pre_hook(keep_this_runs_settings)
+        # Lightning steps the schedule once per optimizer step ("interval": "step"), so
+        # gradient accumulation does not stretch it.
+        scheduler = WarmupCosine(optimizer, h.lr, h.min_lr, h.warmup_steps, max_steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},

@@ -6,12 +6,20 @@ orthogonal matrix (a few Newton-Schulz iterations), so every direction of the ma
 updated at the same rate; it is only defined for matrices that act as hidden linear maps.
 The token embedding (a lookup table), the ``lm_head`` (a classifier over 50k words), the
 norm gains and the biases stay on AdamW, each kind with its own learning rate.
+
+A weight that stacks several matrices by rows (attention's ``c_attn``: q, k and v; SwiGLU's
+``c_fc``: gate and up) is orthogonalised one matrix at a time, as the reference Muon
+(KellerJordan/Muon, modded-nanogpt) does with its separate q, k, v and gate, up weights:
+orthogonalising the stack as one matrix couples the blocks (on a random 1152 x 384 gradient
+the two updates have about the same RMS, but a cosine of 0.86).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from slm.model import MLP, CausalSelfAttention
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -59,6 +67,44 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
 
+class BlockMuon(torch.optim.Muon):
+    """``torch.optim.Muon``, with the weights in ``blocks`` (parameter -> the number of matrices
+    it stacks by rows) updated one row block at a time: each block gets its own momentum-averaged
+    gradient orthogonalised and its own lr scale sqrt(max(1, rows / cols)), through views, so
+    the updates land in the stacked weight and the momentum buffer keeps its full shape (the
+    optimizer state is that of ``torch.optim.Muon``: checkpoints are interchangeable)."""
+
+    def __init__(self, params, blocks: dict[nn.Parameter, int], **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.blocks = blocks
+
+    def _init_group(self, group, params, grads, momentum_bufs):
+        # torch's Muon gathers each parameter, gradient and momentum buffer into these lists and
+        # then updates every entry as one matrix: split the stacked ones into their blocks.
+        has_complex = super()._init_group(group, params, grads, momentum_bufs)
+        whole = list(zip(params, grads, momentum_bufs))
+        for lst in (params, grads, momentum_bufs):
+            lst.clear()
+        for p, g, buf in whole:
+            n = self.blocks.get(p, 1)
+            params.extend(p.chunk(n))
+            grads.extend(g.chunk(n))
+            momentum_bufs.extend(buf.chunk(n))
+        return has_complex
+
+
+def stacked_blocks(model: nn.Module) -> dict[nn.Parameter, int]:
+    """The weights of ``model`` that stack several matrices by rows, each with how many: every
+    attention's ``c_attn`` (q, k, v) and, with SwiGLU, every MLP's ``c_fc`` (gate, up)."""
+    blocks = {}
+    for m in model.modules():
+        if isinstance(m, CausalSelfAttention):
+            blocks[m.c_attn.weight] = 3
+        elif isinstance(m, MLP) and m.kind == "swiglu":
+            blocks[m.c_fc.weight] = 2
+    return blocks
+
+
 def split_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Every trainable parameter of a GPT in exactly one group (tied weights once):
     ``muon`` the 2-D weights inside the transformer blocks, ``decay`` the other >= 2-D weights
@@ -88,15 +134,17 @@ def build_optimizer(
     muon_weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
     """``adamw``: the GPT's own AdamW (``GPT.configure_optimizer``). ``muon``: Muon at
-    ``muon_lr`` (scaled per matrix by sqrt(max(1, rows / cols)), Keller Jordan's rule) for
-    the blocks' matrices, AdamW at ``lr`` for the rest; ``fused`` is the AdamW part's."""
+    ``muon_lr`` (scaled per matrix by sqrt(max(1, rows / cols)), Keller Jordan's rule; a
+    stacked weight per block, ``BlockMuon``) for the blocks' matrices, AdamW at ``lr`` for the
+    rest; ``fused`` is the AdamW part's."""
     if name == "adamw":
         return model.configure_optimizer(lr, weight_decay, tuple(betas), fused=fused)
     if name != "muon":
         raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
     groups = split_params(model)
-    muon = torch.optim.Muon(
+    muon = BlockMuon(
         [p for _, p in groups["muon"]],
+        stacked_blocks(model),
         lr=muon_lr,
         momentum=muon_momentum,
         weight_decay=muon_weight_decay,

@@ -51,15 +51,23 @@ class ClippableMixedPrecision(MixedPrecision):
 
     Lightning refuses to clip gradients for an optimizer that unscales them inside its own step
     (fused AdamW), even under bf16 where nothing is scaled, because it only unscales for the
-    other optimizers. Here the gradients are always unscaled before the clipping hooks run;
-    ``GradScaler.step`` then hands the fused kernel no scale (the gradients are unscaled
-    already) but still the found-inf flag, so a step with overflowed fp16 gradients is skipped
-    on the GPU, without a host sync."""
+    other optimizers. Here the gradients of a fused optimizer are unscaled right after the
+    closure's backward, where Lightning unscales the others, so the clipping hooks that follow
+    see true gradients; ``GradScaler.step`` then hands the fused kernel no scale (the gradients
+    are unscaled already) but still the found-inf flag, so a step with overflowed fp16
+    gradients is skipped on the GPU, without a host sync."""
 
-    def _after_closure(self, model, optimizer) -> None:
-        if self.scaler is not None and _optimizer_handles_unscaling(optimizer):
-            self.scaler.unscale_(optimizer)  # Lightning unscaled every other optimizer already
-        super()._after_closure(model, optimizer)
+    def optimizer_step(self, optimizer, model, closure, **kwargs):
+        def closure_then_unscale():
+            result = closure()
+            # As Lightning does for the other optimizers: not when backward was skipped (a
+            # training_step that returned None), or GradScaler would refuse the next unscale.
+            ran_backward = result is not None or not model.automatic_optimization
+            if self.scaler is not None and ran_backward and _optimizer_handles_unscaling(optimizer):
+                self.scaler.unscale_(optimizer)
+            return result
+
+        return super().optimizer_step(optimizer, model, closure_then_unscale, **kwargs)
 
     def clip_gradients(
         self,
@@ -67,7 +75,7 @@ class ClippableMixedPrecision(MixedPrecision):
         clip_val: float = 0.0,
         gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
     ) -> None:
-        # Skips MixedPrecision's refusal: the gradients were unscaled in _after_closure.
+        # Skips MixedPrecision's refusal: the gradients were unscaled after the closure.
         Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
 
 

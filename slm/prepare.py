@@ -10,7 +10,8 @@ directory of such files (files whose name holds ``val``, ``valid`` or ``validati
 word, like ``TinyStories-valid.txt``, form the validation split).
 Structured local files go through ``datasets.load_dataset`` too, the same code path as the hub.
 Null (the default) stands for what ``data.dir`` holds, as its meta.json records it, else
-roneneldan/TinyStories (``resolve_source``).
+roneneldan/TinyStories (``resolve_source``). ``data.max_stories=N`` takes the first N stories
+of each split only (streamed from the hub, so that only those are downloaded).
 
 With ``tokenizer=bpe`` a byte-level BPE is first trained on the train split (at most
 ``tokenizer.train_bytes`` of it, streamed) and written to ``data.dir``/tokenizer.json; a
@@ -111,9 +112,10 @@ def _txt_stories(path: Path, batch: int) -> Iterator[list[str]]:
 
 
 def _dataset_stories(ds, name: str, batch: int) -> Iterator[list[str]]:
-    """Stories of a ``datasets.Dataset``'s ``text`` column. The column is checked here, when
-    the source is loaded, so that a bad source fails before an existing data dir is touched."""
-    if "text" not in ds.column_names:
+    """Stories of a ``datasets.Dataset``'s (or a streamed ``IterableDataset``'s) ``text``
+    column. The column is checked here, when the source is loaded, so that a bad source fails
+    before an existing data dir is touched."""
+    if ds.column_names is not None and "text" not in ds.column_names:
         raise DataError(
             f"data.source {name} has no 'text' column (columns: {', '.join(ds.column_names)}); "
             "give files whose stories are in a column named 'text'"
@@ -147,15 +149,40 @@ def _check_not_a_missing_path(source: str) -> None:
         raise DataError(f"data.source {source}: no such file or directory; check the path")
 
 
-def load_source(source: str, batch: int = 1024) -> dict[str, list[Batches]]:
-    """The source's stories by split: ``{"train": [...], "val": [...]}`` (val may be empty)."""
+def _first(streams: list[Batches], n: int | None) -> list[Batches]:
+    """The first ``n`` stories of a split (all of them where ``n`` is None), in batches."""
+    if n is None or not streams:
+        return streams
+
+    def take() -> Iterator[list[str]]:
+        left = n
+        for stream in streams:
+            for stories in stream:
+                yield stories[:left]
+                left -= min(left, len(stories))
+                if left == 0:
+                    return
+
+    return [take()]
+
+
+def load_source(
+    source: str, batch: int = 1024, max_stories: int | None = None
+) -> dict[str, list[Batches]]:
+    """The source's stories by split: ``{"train": [...], "val": [...]}`` (val may be empty);
+    with ``max_stories``, the first ``max_stories`` of each split only. From the hub such a
+    slice is streamed, so that only what it holds is downloaded."""
     path = Path(source).expanduser()
     if not path.exists():
         _check_not_a_missing_path(source)
         import datasets  # heavy import (~0.6 s): only where it is used
 
         try:  # a dataset on the Hugging Face hub, e.g. roneneldan/TinyStories
-            dd = datasets.load_dataset(source)
+            if max_stories is None:
+                dd = datasets.load_dataset(source)
+            else:
+                dd = datasets.load_dataset(source, streaming=True)
+                dd = {name: ds.take(max_stories) for name, ds in dd.items()}
         except Exception as e:
             raise DataError(
                 f"data.source {source}: could not load it from the Hugging Face hub "
@@ -168,7 +195,7 @@ def load_source(source: str, batch: int = 1024) -> dict[str, list[Batches]]:
                 splits[split].append(_dataset_stories(ds, f"{source}[{name}]", batch))
         if not splits["train"]:
             raise DataError(f"data.source {source} has no 'train' split (splits: {list(dd)})")
-        return splits
+        return {split: _first(streams, max_stories) for split, streams in splits.items()}
 
     splits = {"train": [], "val": []}
     for f in _local_files(path):
@@ -188,7 +215,7 @@ def load_source(source: str, batch: int = 1024) -> dict[str, list[Batches]]:
             splits[split].append(_dataset_stories(ds, str(f), batch))
     if not splits["train"]:
         raise DataError(f"data.source {source} holds only validation files; add training text")
-    return splits
+    return {split: _first(streams, max_stories) for split, streams in splits.items()}
 
 
 def canonical_source(source: str) -> str:
@@ -322,11 +349,13 @@ def _write_splits(
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def _train_stories(src: str, val_fraction: float, cap: int, used: dict) -> Iterator[list[str]]:
+def _train_stories(
+    src: str, val_fraction: float, cap: int, used: dict, max_stories: int | None = None
+) -> Iterator[list[str]]:
     """Batches of the train split's stories (the held-out val stories left out, so that the
     BPE never sees the text it is scored on) while their UTF-8 bytes stay within ``cap``;
     ``used`` counts the stories and bytes taken."""
-    splits = load_source(src, batch=256)
+    splits = load_source(src, batch=256, max_stories=max_stories)
     held_out = _check_val_fraction(splits, val_fraction)
     index = 0
     for stream in splits["train"]:
@@ -355,12 +384,15 @@ def _train_stories(src: str, val_fraction: float, cap: int, used: dict) -> Itera
                 yield batch
 
 
-def fit_bpe(src: str, config: Mapping, val_fraction: float) -> tuple[BPETokenizer, dict]:
+def fit_bpe(
+    src: str, config: Mapping, val_fraction: float, max_stories: int | None = None
+) -> tuple[BPETokenizer, dict]:
     """A byte-level BPE trained on the first ``config["train_bytes"]`` bytes of ``src``'s
-    train split, streamed (``tokenizer.train_bpe``), and what it learned from."""
+    train split (of its first ``max_stories`` stories), streamed (``tokenizer.train_bpe``),
+    and what it learned from."""
     used = {"stories": 0, "bytes": 0, "first": 0}
     cap = config["train_bytes"]
-    stories = _train_stories(src, val_fraction, cap, used)
+    stories = _train_stories(src, val_fraction, cap, used, max_stories)
     with tqdm(
         desc=f"fitting a {config['vocab_size']:,}-token BPE", unit=" stories", disable=None,
         file=sys.stderr,
@@ -473,17 +505,20 @@ def prepare_command(
     source: str | None,
     val_fraction: float | None = None,
     tokenizer: Mapping | None = None,
+    max_stories: int | None = None,
 ) -> str:
     """The fix that errors about a data dir suggest: the command that prepares it again from
-    ``source`` (holding out ``val_fraction``, with the ``tokenizer`` config), quoted for the
-    shell and Hydra, to be pasted as it is. Where the source is unknown (no readable
-    meta.json), ``SOURCE`` stands for it."""
+    ``source`` (holding out ``val_fraction``, with the ``tokenizer`` config; its first
+    ``max_stories`` per split), quoted for the shell and Hydra, to be pasted as it is. Where
+    the source is unknown (no readable meta.json), ``SOURCE`` stands for it."""
     src = override("data.source", source) if source else "data.source=SOURCE"
     cmd = f"python -m slm.prepare {src} {override('data.dir', str(data_dir))}"
     if val_fraction is not None:
         cmd += f" data.val_fraction={val_fraction}"
     if tokenizer_overrides(tokenizer):
         cmd += f" {tokenizer_overrides(tokenizer)}"
+    if max_stories is not None:
+        cmd += f" data.max_stories={max_stories}"
     cmd += " data.overwrite=true"
     if source:
         return f"prepare it again with `{cmd}`"
@@ -499,7 +534,9 @@ def reprepare(data_dir: str | Path, meta: dict) -> str:
             "prepare it again with data.overwrite=true from the checkpoint whose tokenizer it "
             "holds (python -m slm.evaluate ckpt=..., or python train.py init_from=...)"
         )
-    return prepare_command(data_dir, meta.get("source"), meta.get("val_fraction"), config)
+    return prepare_command(
+        data_dir, meta.get("source"), meta.get("val_fraction"), config, meta.get("max_stories")
+    )
 
 
 def read_meta(data_dir: str | Path, fix: str | None = None) -> dict | None:
@@ -569,6 +606,13 @@ def _locked(out: Path) -> Iterator[bool]:
             os.close(fd)  # releases the lock
 
 
+def _slice(max_stories: int | None, other: int | None) -> str:
+    """``, max_stories=N`` for a message, where either side of a comparison has a slice."""
+    if max_stories is None and other is None:
+        return ""
+    return f", max_stories={max_stories}"
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     """Temporary files of a prepare that was killed (SIGKILL, out of memory): with the lock
     held, no other prepare is writing any of them."""
@@ -608,19 +652,26 @@ def prepare(
     val_fraction: float = 0.01,
     overwrite: bool = False,
     tokenizer: Mapping | Tokenizer | None = None,
+    max_stories: int | None = None,
 ) -> dict:
     """Write ``train.bin``, ``val.bin`` and ``meta.json`` (and, for a BPE, ``tokenizer.json``)
     into ``data_dir``; return the meta.
+
+    ``max_stories``: only the first that many stories of each split (a bounded slice: from
+    the hub, only that much is downloaded); None for all of them.
 
     ``source`` None stands for what ``data_dir`` holds (see ``resolve_source``), taken as it
     was prepared (its ``val_fraction`` is not compared). ``tokenizer``: the ``tokenizer``
     config (``{"name": "gpt2"}``, the default, or ``{"name": "bpe", "vocab_size",
     "train_bytes"}``: a BPE trained on the train split here), or a ``Tokenizer`` to use as it
-    is (a checkpoint's). A no-op when ``meta.json`` records this source and tokenizer and the
-    files have the sizes and hash it records; a missing bin is prepared again. Tokens of
-    another source or tokenizer, bins with no or an unreadable ``meta.json`` and bins of the
-    wrong size are an error that says how to prepare the dir again; with ``overwrite`` the dir
-    is prepared again, whatever it holds, without reading it.
+    is (a checkpoint's). ``max_stories``: only the first that many stories of each split (a
+    bounded slice: from the hub, only that much is downloaded); None for all of them (not
+    compared where ``source`` is None). A no-op when ``meta.json`` records this source, slice
+    and tokenizer and the files have the sizes and hash it records; a missing bin is prepared
+    again. Tokens of another source, slice or tokenizer, bins with no or an unreadable
+    ``meta.json`` and bins of the wrong size are an error that says how to prepare the dir
+    again; with ``overwrite`` the dir is prepared again, whatever it holds, without reading
+    it.
     """
     want = _request(tokenizer)
     config = want if isinstance(want, dict) else None
@@ -629,17 +680,18 @@ def prepare(
         _check_not_a_missing_path(source)
     with _locked(out) as locked:
         src = resolve_source(source, out)
-        fix = prepare_command(out, src if source else None, val_fraction, config)
+        fix = prepare_command(out, src if source else None, val_fraction, config, max_stories)
         meta = None if overwrite else read_meta(out, fix)
         if meta is not None:
-            same_tokenizer = _same_tokenizer(meta, want)
+            as_it_is = source is None  # what the dir holds, as it was prepared
             same = (
                 meta.get("source") == src
-                and same_tokenizer
-                and (source is None or meta.get("val_fraction") in (None, val_fraction))
+                and _same_tokenizer(meta, want)
+                and (as_it_is or meta.get("val_fraction") in (None, val_fraction))
+                and (meta.get("max_stories") == max_stories or (as_it_is and max_stories is None))
             )
             if not same:
-                raise DataError(_mismatch(out, meta, src, val_fraction, want))
+                raise DataError(_mismatch(out, meta, src, val_fraction, want, max_stories))
             if all((out / f"{s}.bin").exists() for s in SPLITS):
                 problem = _wrong_size(out, meta) or _tokenizer_problem(out, meta)
                 if problem:  # prepared again as it was, from its recorded source
@@ -654,11 +706,12 @@ def prepare(
         if isinstance(want, Tokenizer):
             want.load()  # gpt2 offline without the BPE files: fail before touching anything
         # Batches of 256 stories keep every encoder thread busy even on a small source.
-        splits = load_source(src, batch=256)  # fails before anything existing is touched
+        # Fails before anything existing is touched.
+        splits = load_source(src, batch=256, max_stories=max_stories)
         training = None
         if config:  # the BPE learns from a pass of its own over the source (streamed)
             _check_val_fraction(splits, val_fraction)
-            want, training = fit_bpe(src, config, val_fraction)
+            want, training = fit_bpe(src, config, val_fraction, max_stories)
         tok = want
         if locked:
             _remove_stale_temporaries(out)
@@ -680,21 +733,26 @@ def prepare(
             "dtype": "uint16",
             "val_split": "held-out" if held_out else "validation",
             "val_fraction": val_fraction if held_out else None,
+            "max_stories": max_stories,
             "splits": stats,
         }
         _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def _mismatch(out: Path, meta: dict, src: str, val_fraction: float, want) -> str:
+def _mismatch(
+    out: Path, meta: dict, src: str, val_fraction: float, want, max_stories: int | None = None
+) -> str:
     """The error for a data dir that holds other tokens than asked for: what it holds, what
     was asked for, and the ways out (use them as they are, or prepare the dir again)."""
     have_config = tokenizer_config(meta)
     have = _describe(have_config, meta)
     asked = want.describe() if isinstance(want, Tokenizer) else _describe(want)
+    had = meta.get("max_stories")
     message = (
         f"data.dir {out} holds tokens of {meta.get('source')!r} ({have}, val_fraction="
-        f"{meta.get('val_fraction')}), not of {src!r} ({asked}, val_fraction={val_fraction}); "
+        f"{meta.get('val_fraction')}{_slice(had, max_stories)}), not of {src!r} ({asked}, "
+        f"val_fraction={val_fraction}{_slice(max_stories, had)}); "
     )
     if _same_tokenizer(meta, want):
         return message + (
@@ -710,7 +768,7 @@ def _mismatch(out: Path, meta: dict, src: str, val_fraction: float, want) -> str
     if have_config is not None and meta.get("source") == src:
         use = f"pass {tokenizer_overrides(have_config) or 'tokenizer=gpt2'} to use them, or "
     config = want if isinstance(want, dict) else {"name": want.name}
-    fix = prepare_command(out, src, val_fraction, config)
+    fix = prepare_command(out, src, val_fraction, config, max_stories)
     return message + use + fix + " (or choose another data.dir)"
 
 
@@ -757,7 +815,7 @@ def main(argv: list[str] | None = None) -> dict:
     d = cfg.data
     out = Path(d.dir).expanduser().resolve()
     before = _stamp(out / "meta.json")
-    meta = prepare(d.source, d.dir, d.val_fraction, d.overwrite, cfg.tokenizer)
+    meta = prepare(d.source, d.dir, d.val_fraction, d.overwrite, cfg.tokenizer, d.max_stories)
     for split in SPLITS:
         s = meta["splits"][split]
         print(f"{split}: {s['stories']:,} stories, {s['tokens']:,} tokens, {s['bytes']:,} bytes")

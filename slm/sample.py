@@ -139,11 +139,23 @@ def filter_logits(
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, _ = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
-        # Drop a token once the tokens before it already reach top_p; the first never is.
-        cut = sorted_logits.masked_fill(before >= top_p, float("inf")).amin(-1, keepdim=True)
+        if top_k is not None and top_k < logits.size(-1):
+            # Only what top-k kept (ties included) can pass: sort those, not the whole vocab
+            # (sorting 50k logits per row per token was half of this filter's time).
+            kept = int((logits > float("-inf")).sum(-1).max())
+            sorted_logits = torch.topk(logits, kept, dim=-1).values.flip(-1)  # ascending
+        else:
+            sorted_logits, _ = torch.sort(logits, dim=-1)  # ascending: the least likely first
+        # The cut is decided on cumulative sums taken from the least likely token, in float64
+        # (MPS has none: float32 there): a float32 sum from the most likely one drifts by
+        # ~1e-5 over 50k probabilities, enough to put tokens on the wrong side of top_p.
+        dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+        tail = sorted_logits.to(dtype).softmax(-1).cumsum(-1)  # a token and every less likely
+        # Drop a token once the more likely ones reach top_p: once it and every less likely
+        # one hold at most 1 - top_p. The most likely token is always kept.
+        drop = tail <= 1 - top_p
+        drop[..., -1] = False
+        cut = sorted_logits.masked_fill(drop, float("inf")).amin(-1, keepdim=True)
         logits = logits.masked_fill(logits < cut, float("-inf"))
     return logits
 
@@ -186,6 +198,12 @@ def _decode_step(device: torch.device, compile: bool) -> Callable:
     if mode not in _COMPILED:
         _COMPILED[mode] = torch.compile(GPT.decode, mode=mode, fullgraph=True, dynamic=False)
     return _COMPILED[mode]
+
+
+def uses_static_cache(device: torch.device, compile: bool) -> bool:
+    """Whether ``generate`` decodes through the static cache (``GPT.decode``): when compiled,
+    and on CUDA also eager, where the growing cache plans its attention anew at every length."""
+    return compile or device.type == "cuda"
 
 
 def _static_cache(model: GPT, batch: int, device, dtype, compile: bool) -> KVCache:
@@ -246,6 +264,16 @@ def _start_token(config: GPTConfig) -> int:
             "tokens, so it cannot start a story; give a prompt"
         )
     return config.eot_id
+
+
+def slide(window: torch.Tensor, tok: torch.Tensor, block_size: int) -> tuple[torch.Tensor, bool]:
+    """``window`` (N, T) with the new tokens ``tok`` (N,) appended, and whether that was a
+    context shift: past ``block_size`` tokens only the newest ``block_size // 2`` are kept
+    (the rule of the module docstring; ``slm.engine`` follows it per request)."""
+    window = torch.cat([window, tok[:, None]], dim=1)
+    if window.size(1) <= block_size:
+        return window, False
+    return window[:, -max(1, block_size // 2) :], True
 
 
 def _prompt_tensor(prompt, num_samples: int, config: GPTConfig, device) -> torch.Tensor:
@@ -319,7 +347,6 @@ def generate(
     out: list[list[int]] = [[] for _ in range(n)]
     if max_new_tokens == 0:
         return out
-    keep = max(1, block // 2)  # tokens kept by a context shift
     rope = config.positions == "rope"
     autocast, dtype = _precision(model, device)
     was_training = model.training
@@ -327,7 +354,7 @@ def generate(
     try:
         with autocast:
             cache = decode = pos = None
-            if use_cache and (compile or device.type == "cuda"):  # the fast path
+            if use_cache and uses_static_cache(device, compile):  # the fast path
                 cache = _static_cache(model, n, device, dtype, compile)
                 decode = _decode_step(device, compile)
                 pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -348,18 +375,15 @@ def generate(
                         on_token(i, t)
                 if all(done) or step == max_new_tokens - 1:
                     break
-                window = torch.cat([window, tok[:, None]], dim=1)
-                shift = window.size(1) > block  # context shift: keep the newest half
-                if shift:
-                    window = window[:, -keep:]
+                window, shift = slide(window, tok, block)
                 if cache is None:  # reference: the same window, recomputed in full
                     logits = model(window, last_only=True)[0][:, -1]
                 elif shift and not rope:  # learned positions: refill the cache
                     cache.pos = 0
                     logits = model(window, cache=cache, last_only=True)[0][:, -1]
-                else:  # one new position (RoPE at a shift: the newest keep - 1 kept, then tok)
+                else:  # one new position (RoPE at a shift: all but tok kept in the cache, then tok)
                     if shift:
-                        model.shift_cache(cache, keep - 1)
+                        model.shift_cache(cache, window.size(1) - 1)
                     if decode is not None:  # static shapes
                         logits = _decode(model, decode, tok, cache, pos)
                     else:  # the cache grows

@@ -1,10 +1,12 @@
 """A Hydra callback that collects a multirun sweep into ``<sweep dir>/sweep.csv``: one row per
 job with its overrides, the best ``val/loss`` that ``train(cfg)`` returned, its status and, for
-a failed job, the one-line reason."""
+a failed job, the one-line reason; then the story suite's numbers (``slm.stories.COLUMNS``),
+read from the job's ``metrics.json`` (empty where the job has none)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -17,8 +19,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from slm.errors import one_line
+from slm.stories import COLUMNS, flat
 
-FIELDS = ["job", "overrides", "best_val_loss", "status", "error", "dir"]
+FIELDS = ["job", "overrides", "best_val_loss", "status", "error", "dir", *COLUMNS]
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +35,15 @@ class FailedJob(float):
         job = super().__new__(cls, math.nan)
         job.reason = reason
         return job
+
+
+def story_scores(path: Path) -> dict[str, float]:
+    """The story suite's numbers in the job's ``metrics.json`` (none: no file, no suite)."""
+    try:
+        summary = json.loads(path.read_text()).get("stories")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return flat(summary) if isinstance(summary, dict) else {}
 
 
 class SweepSummary(Callback):
@@ -66,6 +78,7 @@ class SweepSummary(Callback):
                     "status": status,
                     "error": error,
                     "dir": os.path.relpath(hc.runtime.output_dir, hc.sweep.dir),
+                    **story_scores(Path(hc.runtime.output_dir) / "metrics.json"),
                 }
             )
 

@@ -40,9 +40,9 @@ def get_encoding() -> tiktoken.Encoding:
         cache = os.environ.get("TIKTOKEN_CACHE_DIR") or "unset (tiktoken uses its default cache)"
         raise SlmError(
             f"tiktoken could not load the gpt2 BPE files ({type(e).__name__}: {first_line(e)}; "
-            f"TIKTOKEN_CACHE_DIR is {cache}); run once online to cache them, or offline set "
-            "TIKTOKEN_CACHE_DIR to a directory seeded with vocab.bpe and encoder.json "
-            "(bash ../shared/data/gpt2/seed-tiktoken-cache.sh DIR; see Offline in the README)"
+            f"TIKTOKEN_CACHE_DIR is {cache}); run once online to cache them, or offline copy "
+            "vocab.bpe and encoder.json into a folder FOLDER and run "
+            "`python -m slm.tokenizer seed --from FOLDER` (see Offline in the README)"
         ) from e
 
 
@@ -466,3 +466,103 @@ def from_state(state: Mapping | None, where: str = "the checkpoint") -> Tokenize
         f"{where}: stores tokenizer {state.get('name')!r}, which slm does not know "
         f"({', '.join(KINDS)})"
     )
+# -- offline: seed tiktoken's cache with copied BPE files ---------------------------------------
+# python -m slm.tokenizer seed [CACHE_DIR] --from FOLDER
+
+GPT2_FILES_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+# The SHA-256 that tiktoken itself checks (tiktoken_ext.openai_public.gpt2).
+GPT2_FILES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+def tiktoken_cache_dir() -> Path:
+    """The directory tiktoken reads its downloads from: ``$TIKTOKEN_CACHE_DIR``, else
+    ``$DATA_GYM_CACHE_DIR``, else ``<tmp>/data-gym-cache`` (tiktoken's own rule)."""
+    import tempfile
+
+    env = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    return Path(env or Path(tempfile.gettempdir()) / "data-gym-cache").expanduser()
+
+
+def seed_tiktoken_cache(folder: str | Path, cache_dir: str | Path | None = None) -> list[Path]:
+    """Copy ``vocab.bpe`` and ``encoder.json`` from ``folder`` into tiktoken's cache
+    ``cache_dir`` (default: ``tiktoken_cache_dir()``) under the names tiktoken looks for (the
+    SHA-1 of each file's download URL), after checking each file's SHA-256, so that the
+    ``gpt2`` encoding loads with no network. Both files are checked before either is
+    written; each is written under a temporary name and renamed. Returns the paths written."""
+    import hashlib
+
+    folder = Path(folder).expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir else tiktoken_cache_dir()
+    contents = {}
+    for name, want in GPT2_FILES.items():
+        path = folder / name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise SlmError(
+                f"cannot read {path} ({e.strerror}); --from must be a folder holding the GPT-2 "
+                f"BPE files vocab.bpe and encoder.json (from {GPT2_FILES_URL}/)"
+            ) from e
+        got = hashlib.sha256(data).hexdigest()
+        if got != want:
+            raise SlmError(
+                f"{path} has SHA-256 {got}, not GPT-2's {want}: a different or damaged file; "
+                f"copy it again from {GPT2_FILES_URL}/{name}"
+            )
+        contents[name] = data
+    written = []
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        for name, data in contents.items():
+            key = hashlib.sha1(f"{GPT2_FILES_URL}/{name}".encode()).hexdigest()
+            tmp = cache / f"{key}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, cache / key)
+            written.append(cache / key)
+    except OSError as e:
+        raise SlmError(
+            f"cannot write tiktoken's cache {cache} ({e.strerror}); pass a directory you can "
+            "write and export TIKTOKEN_CACHE_DIR=that directory"
+        ) from e
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    from slm.errors import run_cli
+
+    parser = argparse.ArgumentParser(
+        prog="python -m slm.tokenizer",
+        description="Offline use of the gpt2 encoding: seed tiktoken's cache from copied files.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    seed = sub.add_parser(
+        "seed",
+        help="copy vocab.bpe and encoder.json into tiktoken's cache, checking their SHA-256",
+    )
+    seed.add_argument(
+        "cache_dir", nargs="?", default=None,
+        help="the cache to fill (default: $TIKTOKEN_CACHE_DIR, else tiktoken's default)",
+    )  # fmt: skip
+    seed.add_argument(
+        "--from", dest="folder", required=True, help="a folder holding vocab.bpe and encoder.json"
+    )
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        for path in seed_tiktoken_cache(args.folder, args.cache_dir):
+            print(f"wrote {path}")
+        cache = Path(args.cache_dir or tiktoken_cache_dir()).expanduser().resolve()
+        if cache != tiktoken_cache_dir().resolve():
+            print(f"now export TIKTOKEN_CACHE_DIR={cache} wherever slm runs", file=sys.stderr)
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

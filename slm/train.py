@@ -2,7 +2,9 @@
 
 Kept apart from the ``@hydra.main`` entry (``train.py``) so tests and sweepers call it with a
 composed config. Fills the run directory with TensorBoard logs (``tb/``), ``checkpoints/``
-(best by ``val/loss`` and ``last.ckpt``), ``slm.pt``, ``loss.png`` and ``metrics.json``.
+(best by ``val/loss`` and ``last.ckpt``), ``slm.pt``, ``loss.png`` and ``metrics.json``, and,
+after a completed run, the story suite's completions of ``slm.pt`` (``slm.stories.jsonl``)
+with its numbers in ``metrics.json`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -24,25 +26,37 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, open_dict
 
+from slm import stories
 from slm.callbacks import (
     RunHistory,
     SampleStories,
     StepProgressBar,
     StopOnSignal,
     SyncFreeThroughputMonitor,
+    TimeToMaxSteps,
     ValidateAtEnd,
 )
-from slm.checkpoint import apply_init_from, check_resume, load_tokenizer
+from slm.checkpoint import (
+    apply_init_from,
+    check_resume,
+    check_resume_data,
+    load_model,
+    load_tokenizer,
+)
 from slm.config import command_line, model_overrides, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.module import GPTModule
 from slm.precision import trainer_precision
 from slm.prepare import prepare, read_tokenizer
+from slm.rundir import run_dir_lock
 from slm.sweep import FailedJob
 from slm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+# Training FLOPs above which a run on a CPU takes more than about an hour (2 cores do some
+# 4e10 FLOP/s): model=small's 5000 steps are 7e15, experiment=quickstart's 2e13.
+GPU_SIZED = 1e14
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TRAINER_ARGS = set(inspect.signature(L.Trainer.__init__).parameters)
 
@@ -76,9 +90,10 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path.resolve())
 
 
-def build_module(cfg: DictConfig) -> GPTModule:
+def module_args(cfg: DictConfig) -> dict:
+    """``GPTModule``'s keyword arguments from the config."""
     o = cfg.optim
-    return GPTModule(
+    return dict(
         **cfg.model,
         lr=o.lr,
         min_lr=o.min_lr,
@@ -91,6 +106,10 @@ def build_module(cfg: DictConfig) -> GPTModule:
         optimizer=o.name,
         **{k: o[k] for k in ("muon_lr", "muon_momentum", "muon_weight_decay") if k in o},
     )
+
+
+def build_module(cfg: DictConfig) -> GPTModule:
+    return GPTModule(**module_args(cfg))
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> TokenDataModule:
@@ -119,7 +138,8 @@ def prepare_data(cfg: DictConfig) -> Tokenizer:
     # data.overwrite: once per node (as Lightning's prepare_data), not by every process of a
     # multi-process launch, each of which comes here; the others find the dir prepared.
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    meta = prepare(d.source, d.dir, d.val_fraction, d.overwrite and local_rank == 0, request)
+    overwrite = d.overwrite and local_rank == 0
+    meta = prepare(d.source, d.dir, d.val_fraction, overwrite, request, d.get("max_stories"))
     tok = read_tokenizer(d.dir, meta)
     for key, value in (("vocab_size", tok.vocab_size), ("eot_id", tok.eot_id)):
         if cfg.model.get(key) not in (None, value):
@@ -169,21 +189,25 @@ def train(cfg: DictConfig) -> float:
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
+    stories.check(cfg)  # the suite runs at the end: its settings are checked at the start
     check_trainer_args(dict(cfg.trainer))
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     tok = prepare_data(cfg)  # sets model.vocab_size: before the checkpoint's model is checked
     if ckpt_path:
-        keys = ("lr", "min_lr", "warmup_steps", "muon_lr")
-        schedule = {k: cfg.optim[k] for k in keys if k in cfg.optim}
-        check_resume(
-            ckpt_path,
-            model=dict(cfg.model),
-            schedule={**schedule, "max_steps": cfg.trainer.max_steps},
-            allow_schedule_change=cfg.get("allow_schedule_change", False),
-            optimizer=cfg.optim.get("name", "adamw"),
-            tokenizer=tok,
-        )
+        check_resume(ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False), tok)
+        check_resume_data(ckpt_path, cfg.data.dir, cfg.get("allow_data_change", False))
+    with run_dir_lock(run_dir):  # from here on, the run dir is this run's
+        return _fit(cfg, init, tok, run_dir, ckpt_path)
+
+
+def _fit(
+    cfg: DictConfig,
+    init: torch.nn.Module | None,
+    tok: Tokenizer,
+    run_dir: Path,
+    ckpt_path: str | None,
+) -> float:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
@@ -198,6 +222,17 @@ def train(cfg: DictConfig) -> float:
         "model: %.2fM parameters (%.2fM non-embedding, %.2fM embedding)",
         n["total"] / 1e6, n["non_embedding"] / 1e6, n["embedding"] / 1e6,
     )  # fmt: skip
+    # Training costs about 6 FLOPs per parameter and token (forward + backward).
+    tokens = cfg.data.batch_size * cfg.model.block_size * cfg.trainer.accumulate_grad_batches
+    flops = 6 * n["total"] * tokens * cfg.trainer.max_steps
+    if cfg.trainer.accelerator == "cpu" and flops > GPU_SIZED:
+        log.warning(
+            "this run is sized for a GPU (%.1fM parameters x %s tokens a step x %s steps = "
+            "%.1e FLOPs) and trains on the CPU, where that takes many hours: the estimate "
+            "follows after the first steps. On a CPU, start with experiment=quickstart "
+            "(README, Quick start)", n["total"] / 1e6, f"{tokens:,}",
+            f"{cfg.trainer.max_steps:,}", flops,
+        )  # fmt: skip
 
     ckpt_dir = run_dir / "checkpoints"
     best = ModelCheckpoint(
@@ -216,12 +251,12 @@ def train(cfg: DictConfig) -> float:
         last,
         ValidateAtEnd(),  # first: the hooks after it see the last step as a logging step
         LearningRateMonitor(logging_interval="step"),
-        # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
-        # tokens/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the bf16/fp16 peak
-        # The clock is read on logging steps: rates over the last 2 logging intervals.
+        # tokens/s, FLOPs/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the
+        # bf16/fp16 peak. The clock is read on logging steps: rates over the last 2 intervals.
         SyncFreeThroughputMonitor(
             batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(), window_size=3
         ),  # fmt: skip
+        TimeToMaxSteps(cfg.val_every_n_steps),
         history,
         StopOnSignal(str(ckpt_dir / "last.ckpt")),  # after history: its tokens are counted
         SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens),
@@ -251,9 +286,42 @@ def train(cfg: DictConfig) -> float:
     finally:
         if trainer.is_global_zero:
             with deferred_signals():  # a Ctrl-C now must not leave slm.pt without metrics
-                write_outputs(run_dir, module, best, history, trainer, error)
+                write_outputs(run_dir, module, best, history, trainer, error, n)
+    if cfg.stories and trainer.is_global_zero:
+        story_suite(cfg, run_dir, datamodule.dir / "val.bin", trainer)
     score = best.best_model_score
     return float(score) if score is not None else math.nan
+
+
+def story_suite(cfg: DictConfig, run_dir: Path, val_bin: Path, trainer: L.Trainer) -> None:
+    """The story suite (``slm.stories``) on ``slm.pt`` (the best weights), with ``stories``
+    openings of the held-out split: its numbers go into ``metrics.json`` (``"stories"``) and
+    TensorBoard (``stories/*``), the completions into ``slm.stories.jsonl``. A judge that
+    fails is recorded there (``stories.judge.error``); the run stays completed."""
+    ckpt = run_dir / "slm.pt"
+    if not ckpt.exists():
+        return
+    tok = load_tokenizer(ckpt)  # the training data's, which slm.pt embeds
+    device = trainer.strategy.root_device
+    log.info("story suite: %d openings of %s, completed by %s", cfg.stories, val_bin, ckpt)
+    try:
+        summary = stories.run(
+            load_model(ckpt, device), tok, stories.TokenStories(val_bin, tok), cfg.stories,
+            cfg.suite, stories.completions_path(ckpt), cfg.judge, device=device, strict=False,
+        )  # fmt: skip
+    except SlmError as e:  # e.g. no stories to take openings from: the training stands
+        log.error("story suite: error: %s", one_line(e))
+        summary = {"error": one_line(e)}
+    except KeyboardInterrupt:
+        log.warning("story suite interrupted: the run's outputs are complete, without it")
+        raise
+    path = run_dir / "metrics.json"
+    write_json(path, {**json.loads(path.read_text()), "stories": summary})
+    scalars = {f"stories/{k}": v for k, v in stories.flat(summary).items()}
+    for logger in trainer.loggers:  # finalized by fit: log_metrics reopens, finalize flushes
+        logger.log_metrics(scalars, step=trainer.global_step)
+        logger.finalize("success")
+    log.info("story suite: %s", json.dumps(stories.flat(summary)))
 
 
 # Set by train() itself: a trainer.* override of one of these is a mistake.
@@ -299,10 +367,12 @@ def write_outputs(
     history: RunHistory,
     trainer: L.Trainer,
     error: BaseException | None = None,
+    parameters: dict[str, int] | None = None,
 ) -> None:
-    """``metrics.json`` always (with the run's status); ``slm.pt`` (best weights + model
-    config) and ``loss.png`` once the run has made an optimizer step. A run that failed
-    before its first step leaves no weights that ``generate.py`` would take for a model."""
+    """``metrics.json`` always (with the run's status and the model's ``parameters``);
+    ``slm.pt`` (best weights + model config) and ``loss.png`` once the run has made an
+    optimizer step. A run that failed before its first step leaves no weights that
+    ``generate.py`` would take for a model."""
     steps = trainer.global_step
     status, reason = run_status(error)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -317,6 +387,9 @@ def write_outputs(
             pt["tokenizer"] = module.tokenizer.state()
         save_atomic(pt, run_dir / "slm.pt")
         plot_losses(history, run_dir / "loss.png")
+        written = ["slm.pt", "loss.png"]
+    else:
+        written = []
     vals = [v for _, v in history.val]
     seconds = history.wall_seconds
     # After an interruption the last validation can be older than the weights: say which.
@@ -330,11 +403,11 @@ def write_outputs(
         "tokens_seen": history.tokens,
         "wall_seconds": round(seconds, 3),
         "tokens_per_second": round(history.tokens / seconds, 1) if seconds else None,
+        **({"parameters": parameters} if parameters else {}),
     }
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, run_dir / "metrics.json")
-    log.info("wrote %s/{slm.pt,loss.png,metrics.json}: %s", run_dir, metrics)
+    write_json(run_dir / "metrics.json", metrics)
+    written = ",".join([*written, "metrics.json"])
+    log.info("wrote %s/%s: %s", run_dir, f"{{{written}}}" if "," in written else written, metrics)
 
 
 @contextlib.contextmanager
@@ -352,6 +425,13 @@ def deferred_signals():
             signal.signal(s, handler)
         if received:
             raise KeyboardInterrupt
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as indented JSON, written whole (a temporary file, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def save_atomic(obj, path: Path) -> None:

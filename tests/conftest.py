@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +21,47 @@ TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories"
 V1_NAME = "TinyStories-train.head-2MiB.txt"
 V2_NAME = "TinyStoriesV2-GPT4-train.head-10000-lines.txt"
 EOT = "<|endoftext|>"
+
+
+# -- CUDA's autocast rules on the CPU ----------------------------------------------------------
+# Ops that CUDA autocast runs in float32, returning float32 (aten/src/ATen/autocast_mode.cpp:
+# the fp32 and fp32_set_opt_dtype lists), where CPU autocast runs them in the autocast dtype:
+# the ones slm calls (its norms, and the softmax of sampling and of the cross-entropy). The CPU
+# already runs cross_entropy_loss and nll_loss in float32.
+CUDA_FP32_OPS = ("layer_norm", "rms_norm", "softmax.int", "log_softmax.int")
+
+
+def _in_float32(op):
+    def kernel(keyset, *args):
+        args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        with torch.autocast("cpu", enabled=False):  # below autocast: the op's own kernel
+            return op(*args)
+
+    return kernel
+
+
+@pytest.fixture
+def cuda_autocast():
+    """CPU autocast with CUDA autocast's float32 rule for ``CUDA_FP32_OPS``: under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` a LayerNorm or RMSNorm returns float32, as
+    on a GPU (what crashed ``generate`` with ``qk_norm`` on every GPU), also inside
+    ``torch.compile``. The rule is an AutocastCPU kernel for each op, removed after the test;
+    compiled graphs are dropped before and after (they were traced under the other rule), and
+    the compile caches are off meanwhile."""
+    with torch.library._scoped_library("aten", "IMPL") as lib:
+        for name in CUDA_FP32_OPS:
+            packet, _, overload = name.partition(".")
+            op = getattr(getattr(torch.ops.aten, packet), overload or "default")
+            lib.impl(name, _in_float32(op), "AutocastCPU", with_keyset=True)
+        torch._dynamo.reset()
+        try:
+            with (
+                torch._inductor.config.patch(fx_graph_cache=False),
+                torch._functorch.config.patch(enable_autograd_cache=False),
+            ):
+                yield
+        finally:
+            torch._dynamo.reset()
 
 
 @pytest.fixture(scope="session")

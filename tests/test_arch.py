@@ -1,6 +1,7 @@
 """The architecture knobs: RoPE, RMSNorm, SwiGLU / ReLU^2, QK-norm, untied head; the KV cache
 with RoPE across a context shift; old checkpoints still load."""
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slm import sample
 from slm.config import ConfigError, compose, validate
 from slm.model import GPT, MLP, GPTConfig, KVCache, RMSNorm, apply_rope, rope_cache
 from slm.module import GPTModule
@@ -70,13 +72,38 @@ def test_decode_with_a_position_per_row(positions):
     torch.testing.assert_close(got[1], full[1, 11], atol=1e-5, rtol=1e-5)
 
 
-def test_decode_writes_activations_into_a_cache_of_another_dtype():
-    """fp32 keys (CUDA autocast runs qk_norm's rms_norm in fp32) into a bf16 cache."""
-    model = make(vocab_size=500, positions="rope", qk_norm=True)
-    idx = torch.randint(0, 500, (1, 8))
-    cache = KVCache(model.config, 1, "cpu", torch.bfloat16)
-    logits = model.decode(idx[:, :1], torch.tensor([0]), cache)
-    assert torch.isfinite(logits).all() and cache.k[0].dtype == torch.bfloat16
+FAMILIES = {
+    "gpt2": {},
+    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu"),
+    "qwen3": dict(positions="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True),
+    "modern": MODERN,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_bf16_or_fp16_cache_under_fp32_activations(family, dtype, monkeypatch):
+    """Every write into a cache casts into its dtype: a bf16/fp16 cache takes the fp32
+    activations (a server's half-size cache; CUDA autocast's float32 qk_norm keys), through
+    the growing cache, the static decode step and generate."""
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(BASE, block_size=8, **FAMILIES[family])).eval()
+    idx = torch.randint(0, 50257, (2, 8))
+    expected = model(idx)[0]
+    growing, static = (KVCache(model.config, 2, "cpu", dtype) for _ in range(2))
+    got = [model(idx[:, :5], cache=growing)[0]]
+    got += [model(idx[:, t : t + 1], cache=growing)[0] for t in range(5, 8)]
+    model(idx[:, :5], cache=static)
+    steps = [model.decode(idx[:, t : t + 1], torch.tensor([t]), static) for t in range(5, 8)]
+    assert growing.k[1].dtype == static.v[1].dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3  # the cache's rounding
+    torch.testing.assert_close(torch.cat(got, 1), expected, atol=tol, rtol=0)
+    torch.testing.assert_close(torch.stack(steps, 1), expected[:, 5:], atol=tol, rtol=0)
+    # generate with such a cache, eager and on the static path, across context shifts
+    monkeypatch.setattr(sample, "_precision", lambda *_: (contextlib.nullcontext(), dtype))
+    for static_path in (False, True):
+        monkeypatch.setattr(sample, "uses_static_cache", lambda *_, s=static_path: s)
+        assert len(generate(model, [1, 2, 3], 12, temperature=0, stop_token=None)[0]) == 12
 
 
 def test_defaults_are_gpt2():
@@ -225,6 +252,29 @@ def test_static_decode_masks_the_stale_slots(knobs):
         got = model.decode(idx[:, t : t + 1], torch.tensor([static.pos]), static)
         static.pos += 1
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shift_cache_keeps_nothing_of_a_full_cache():
+    """keep=0 on a full cache (d == block_size, one past RoPE's table) empties it: what comes
+    next is a fresh start."""
+    model = make(**MODERN)
+    idx = torch.randint(0, BASE.vocab_size, (1, 20))
+    cache = KVCache(model.config, 1, "cpu", torch.float32)
+    model(idx[:, :16], cache=cache)
+    model.shift_cache(cache, 0)
+    assert cache.pos == 0
+    fresh = KVCache(model.config, 1, "cpu", torch.float32)
+    after = model(idx[:, 16:], cache=cache)[0]
+    torch.testing.assert_close(after, model(idx[:, 16:], cache=fresh)[0])
+
+
+@pytest.mark.parametrize("block_size", [2, 3])
+def test_generate_with_rope_and_a_tiny_block(block_size, monkeypatch):
+    """block_size 2 or 3 keeps one token at each shift (block_size // 2 - 1 of the cache)."""
+    model = GPT(dataclasses.replace(BASE, block_size=block_size, **MODERN)).eval()
+    for static_path in (False, True):
+        monkeypatch.setattr(sample, "uses_static_cache", lambda *_, s=static_path: s)
+        assert len(generate(model, [1, 2], 9, temperature=0, stop_token=None)[0]) == 9
 
 
 def test_shift_cache_needs_rope():

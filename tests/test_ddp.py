@@ -17,6 +17,7 @@ from slm.sample import load_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_three_process_ddp(tmp_path):
     stories = [f"Max found {n} shells on the beach. He smiled. The end." for n in range(300)]
     src = tmp_path / "s.txt"
@@ -37,6 +38,8 @@ def test_three_process_ddp(tmp_path):
         "trainer.devices=3",
         "trainer.strategy=ddp",
         f"hydra.run.dir={run}",
+        "stories=2",  # the story suite, on rank 0 alone, after the others are done
+        "suite.max_new_tokens=4",
     ]
     out = subprocess.run(
         [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
@@ -46,6 +49,8 @@ def test_three_process_ddp(tmp_path):
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 6
+    assert metrics["stories"]["openings"] == 2
+    assert len((run / "slm.stories.jsonl").read_text().splitlines()) == 4
     assert metrics["tokens_seen"] == 6 * 8 * 64 * 3  # every rank's batches count
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "best-step6.ckpt",

@@ -58,6 +58,7 @@ def test_bits_per_byte():
     assert bits_per_byte(math.log(2) * 2, tokens=100, utf8_bytes=400) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_cli_prints_json_last(setup):
     d, src, _ = setup
     args = [f"ckpt={d / 'slm.pt'}", f"data.source={src}", f"data.dir={d / 'data'}",
@@ -69,6 +70,7 @@ def test_cli_prints_json_last(setup):
     assert set(result) == {"val_loss", "val_ppl", "val_bpb", "tokens"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [([], "error: ckpt is required"), (["ckpt=/nope.pt"], "error: .*nope.pt")],

@@ -14,7 +14,7 @@ import torch
 from slm import export as ex
 from slm.checkpoint import apply_init_from, load_model
 from slm.config import compose
-from slm.errors import CheckpointError, ConfigError, SlmError
+from slm.errors import CheckpointError, ConfigError, SlmError, run_cli
 from slm.model import GPT, GPTConfig
 from slm.sample import generate
 from slm.tokenizer import EOT, EOT_ID, get_encoding
@@ -126,6 +126,7 @@ def test_export_computes_the_same_logits(exported, text_ids):
     assert (theirs - ours).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_generate_gives_the_same_tokens(exported, text_ids):
     model, out, _ = exported
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -168,6 +169,7 @@ def test_export_directory_holds_the_files(exported):
     assert not list(out.parent.glob(".hf.*"))  # no temporary directory left behind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("piece", ["v1_txt", "v2_txt"])
 def test_tokenizer_encodes_and_decodes_as_tiktoken(hf_tokenizer, piece, request):
     text = request.getfixturevalue(piece).read_text(encoding="utf-8")
@@ -227,6 +229,7 @@ def test_init_from_a_missing_path_is_one_line(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_train_starts_from_init_from_weights(tmp_path, small_stories_dir, monkeypatch):
     """train(cfg) with init_from: the first optimizer step starts from the source's weights
     (an exported directory), and the run's slm.pt has its config."""
@@ -256,6 +259,7 @@ def test_train_starts_from_init_from_weights(tmp_path, small_stories_dir, monkey
     assert saved["model_args"] == model.config.to_dict()
 
 
+@pytest.mark.slow
 def test_cli_init_from_conflict_is_one_line(gpt2_dir, tmp_path):
     out = gpt2_dir
     proc = subprocess.run(
@@ -273,9 +277,13 @@ def test_cli_init_from_conflict_is_one_line(gpt2_dir, tmp_path):
 
 # -- errors ----------------------------------------------------------------------------------
 
+RELU2 = (
+    "model.mlp=relu2: no transformers family computes ReLU^2 MLPs; train with model.mlp=swiglu "
+    "to export (arch=modern model.mlp=swiglu exports as Qwen 3)"
+)
 REFUSED = [
-    (["model.mlp=relu2"], "model.mlp=relu2: no transformers family computes ReLU^2 MLPs"),
-    (["arch=modern"], "model.mlp=relu2: no transformers family computes ReLU^2 MLPs"),
+    (["model.mlp=relu2"], RELU2),
+    (["arch=modern"], RELU2),
     (["model.positions=rope"], "model.norm=layernorm with model.positions=rope: Llama has RMSNorm"),
     (["model.positions=rope", "model.norm=rmsnorm"],
      "model.mlp=gelu with model.positions=rope: Llama has SwiGLU"),
@@ -311,6 +319,7 @@ def test_missing_and_foreign_checkpoints_are_one_line_and_write_nothing(tmp_path
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "slm.export", f"ckpt={tmp_path / 'nope.pt'}",
@@ -336,14 +345,31 @@ def test_non_empty_out_needs_overwrite_and_a_failure_keeps_it(tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(ex, "save_hf_tokenizer", broken)  # fails after the weights are written
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SlmError) as e:
         ex.export(tmp_path / "slm.pt", out, overwrite=True)
+    assert str(e.value) == (
+        f"out={out}: writing failed (OSError: disk full); nothing was written to {out}, free "
+        "space or choose another directory"
+    )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "slm.pt"]  # no temp dir left
     monkeypatch.undo()
     ex.export(tmp_path / "slm.pt", out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "slm.pt"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_unwritable_out_is_one_line_and_writes_nothing(tmp_path, capsys):
+    save_slm_pt(tmp_path / "slm.pt", tiny_config())
+    with pytest.raises(SystemExit):  # as python -m slm.export reports it
+        run_cli(lambda: ex.main([f"ckpt={tmp_path / 'slm.pt'}", "out=/proc/my-model"]))
+    assert capsys.readouterr().err.splitlines() == [
+        "error: out=/proc/my-model: cannot write in /proc (No such file or directory); choose a "
+        "directory you can write"
+    ]
+    assert not Path("/proc/my-model").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slm.pt"]
 
 
 def test_lightning_ckpt_exports_with_its_run_in_the_model_card(tmp_path):

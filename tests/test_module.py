@@ -8,6 +8,7 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, Dataset
 
 from slm.module import GPTModule, lr_at
+from slm.precision import ClippableMixedPrecision
 
 LR, MIN_LR, WARMUP, MAX = 1e-3, 1e-4, 10, 110
 
@@ -136,3 +137,80 @@ def test_checkpoint_hparams_are_primitives(tmp_path):
     assert ckpt["hyper_parameters"]["n_embd"] == 8
     loaded = GPTModule.load_from_checkpoint(path)
     assert loaded.config == module.config
+
+
+def test_train_loss_is_the_mean_of_the_steps_micro_batches(tmp_path):
+    """Under gradient accumulation train/loss (TensorBoard, loss.png, the divergence check) is
+    the optimizer step's mean loss, not its last micro-batch's."""
+
+    class MicroLosses(Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():  # the weights this micro-batch trains with
+                self.losses.append(pl_module.model(*batch)[1].item())
+
+    torch.manual_seed(0)
+    module = GPTModule(n_layer=1, n_head=1, n_embd=8, block_size=8, warmup_steps=1, max_steps=3)
+    micro, logger = MicroLosses(), Recorder()
+    trainer = L.Trainer(
+        max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1, accelerator="cpu",
+        logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[micro], limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(RandomTokens(), batch_size=2))
+    logged = [m["train/loss"] for m, _ in logger.logged if "train/loss" in m]
+    pairs = list(zip(micro.losses[::2], micro.losses[1::2]))
+    assert logged == pytest.approx([(a + b) / 2 for a, b in pairs], rel=1e-6)
+    assert max(abs(a - b) for a, b in pairs) > 1e-3  # so the last one alone is not the mean
+
+
+class RecordGroups(Callback):
+    """The step and every param group's settings at each optimizer step."""
+
+    def __init__(self):
+        self.steps, self.groups = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps.append(trainer.global_step)
+        self.groups.append(
+            [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        )
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_goes_on_with_this_runs_settings(tmp_path, optimizer):
+    """A checkpoint of a CPU run (fused=False) resumed on fp16 with fused AdamW (a T4), a higher
+    lr (allow_schedule_change), other weight decay, betas and Muon settings: from the first
+    resumed step the lrs are the new schedule's, and every setting is this run's."""
+    arch = dict(n_layer=1, n_head=2, n_embd=8, block_size=8, warmup_steps=2, optimizer=optimizer)
+    old = dict(lr=3e-3, min_lr=3e-4, max_steps=4, weight_decay=0.1, betas=(0.9, 0.95),
+               fused=False, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0)  # fmt: skip
+    new = dict(lr=1e-2, min_lr=1e-3, max_steps=8, weight_decay=0.05, betas=(0.8, 0.99),
+               fused=True, muon_lr=0.05, muon_momentum=0.9, muon_weight_decay=0.01)  # fmt: skip
+    loader = DataLoader(RandomTokens(), batch_size=2)
+    common = dict(accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                  gradient_clip_val=1.0)  # fmt: skip
+    trainer = L.Trainer(max_steps=4, enable_checkpointing=False, **common)
+    trainer.fit(GPTModule(**arch, **old), loader)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+
+    rec = RecordGroups()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plugin = ClippableMixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = L.Trainer(max_steps=8, plugins=[plugin], callbacks=[rec], **common)
+    trainer.fit(GPTModule(**arch, **new), loader, ckpt_path=tmp_path / "last.ckpt")
+    assert rec.steps == [4, 5, 6, 7]
+    bases = [new["lr"]] * 2 if optimizer == "adamw" else [new["muon_lr"], new["lr"], new["lr"]]
+    for step, groups in zip(rec.steps, rec.groups):
+        factor = lr_at(step, new["lr"], new["min_lr"], 2, 8) / new["lr"]
+        assert [g["lr"] for g in groups] == pytest.approx([b * factor for b in bases], rel=1e-12)
+    groups = rec.groups[0]
+    adamw = groups[-2:]
+    assert [g["weight_decay"] for g in adamw] == [0.05, 0.0]
+    assert all(tuple(g["betas"]) == (0.8, 0.99) and g["fused"] for g in adamw)
+    if optimizer == "muon":
+        assert (groups[0]["momentum"], groups[0]["weight_decay"]) == (0.9, 0.01)

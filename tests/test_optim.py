@@ -108,6 +108,36 @@ def test_muon_moves_every_hidden_matrix_by_its_orthogonalized_step():
         assert moved == (name.startswith("transformer.h.") and p.dim() == 2), name
 
 
+def test_muon_orthogonalises_each_stacked_matrix_on_its_own():
+    """c_attn stacks q, k and v, SwiGLU's c_fc gate and up: their update is the reference's,
+    where each is a matrix of its own (here torch.optim.Muon on the blocks split by hand), two
+    steps (momentum) with weight decay; the momentum buffer keeps the stacked weight's shape."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY.to_dict(), "mlp": "swiglu", "n_layer": 1}))
+    hidden = split_params(model)["muon"]
+    opt = build_optimizer(model, "muon", lr=0.0, muon_lr=0.02, muon_weight_decay=0.1)
+
+    def n_blocks(name: str) -> int:
+        return 3 if name.endswith("c_attn.weight") else 2 if name.endswith("c_fc.weight") else 1
+
+    parts = [
+        [torch.nn.Parameter(b.detach().clone()) for b in p.chunk(n_blocks(n))] for n, p in hidden
+    ]
+    reference = torch.optim.Muon(
+        [b for bs in parts for b in bs], lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True
+    )
+    for _ in range(2):
+        for (_, p), bs in zip(hidden, parts):
+            p.grad = torch.randn_like(p)
+            for b, g in zip(bs, p.grad.chunk(len(bs))):
+                b.grad = g.clone()
+        opt.step()
+        reference.step()
+    for (name, p), bs in zip(hidden, parts):
+        torch.testing.assert_close(p, torch.cat(list(bs)), rtol=0, atol=1e-7, msg=name)
+        assert opt.state[p]["momentum_buffer"].shape == p.shape
+
+
 # -- a real Trainer run ----------------------------------------------------------------------
 
 MODERN = ["experiment=modern", "optim.warmup_steps=2", "trainer.max_steps=8",
@@ -130,6 +160,7 @@ class StopAt(L.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_tiny_modern_muon_fit_learns_resumes_exactly_and_generates(
     data, tmp_path, monkeypatch, capsys
 ):

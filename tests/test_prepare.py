@@ -303,6 +303,73 @@ def test_hub_source_without_validation_split_holds_out(fake_hub, tmp_path):
     assert meta["val_split"] == "held-out"
 
 
+# ----------------------------------------------------------------------------- a bounded slice
+
+
+def test_max_stories_from_the_hub_streams_only_the_slice(monkeypatch, tmp_path):
+    """data.max_stories=N from the hub: the splits are streamed (nothing else downloaded), and
+    N stories of each read; the slice is recorded and a rerun is a no-op."""
+    import datasets
+
+    splits = {"train": make_stories(500, seed=20), "validation": make_stories(30, seed=21)}
+    calls, read = [], {"train": 0, "validation": 0}
+
+    def rows(name):
+        for text in splits[name]:
+            read[name] += 1  # what a streamed download has fetched so far
+            yield {"text": text}
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.IterableDatasetDict(
+            {k: datasets.IterableDataset.from_generator(rows, gen_kwargs={"name": k})
+             for k in splits}
+        )  # fmt: skip
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    meta = prepare(data_dir=tmp_path / "out", max_stories=100)
+    assert calls == [(("roneneldan/TinyStories",), {"streaming": True})]
+    assert_bins(tmp_path / "out", *expected_bins(splits["train"][:100], None, splits["validation"]))
+    assert read["train"] <= 101  # the stream stops at the slice (give or take one row)
+    assert meta["max_stories"] == 100 and meta["splits"]["val"]["stories"] == 30
+    assert prepare(data_dir=tmp_path / "out", max_stories=100) == meta and len(calls) == 1
+
+
+def test_max_stories_of_local_files_across_files_and_held_out(tmp_path):
+    """The first N stories of each split, over the split's files in order; a held-out val
+    split comes from those N."""
+    src = tmp_path / "src"
+    a, b, v = make_stories(40, seed=1), make_stories(40, seed=2), make_stories(30, seed=3)
+    write_txt(src / "a.txt", a)
+    (src / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in b))
+    write_txt(src / "stories-valid.txt", v)
+    prepare(str(src), tmp_path / "out", max_stories=50)
+    assert_bins(tmp_path / "out", *expected_bins((a + b)[:50], None, val=v[:50]))
+    prepare(str(src / "a.txt"), tmp_path / "held", val_fraction=0.1, max_stories=30)
+    assert_bins(tmp_path / "held", *expected_bins(a[:30], 0.1))
+
+
+def test_another_slice_of_a_prepared_dir_is_an_error(small_txt, tmp_path):
+    out = tmp_path / "out"
+    prepare(str(small_txt), out, max_stories=100)
+    before = snapshot(out)
+    with pytest.raises(DataError) as e:
+        prepare(str(small_txt), out, max_stories=200)
+    assert_one_line(e)
+    assert "max_stories=100), not of" in str(e.value) and "max_stories=200); " in str(e.value)
+    with pytest.raises(DataError, match="max_stories=None\\); "):  # all of it, asked for by name
+        prepare(str(small_txt), out)
+    assert snapshot(out) == before
+    # Unset source and slice: what the dir holds, as it is; the truncation fix keeps the slice.
+    assert prepare(None, out)["max_stories"] == 100
+    with open(out / "val.bin", "r+b") as f:
+        f.truncate(4)
+    with pytest.raises(
+        DataError, match=r"data.val_fraction=0.01 data.max_stories=100 data.overwrite"
+    ):
+        prepare(None, out)
+
+
 def test_hub_errors_are_data_errors(monkeypatch, tmp_path):
     import datasets
 
@@ -565,7 +632,7 @@ def leftovers(out: Path) -> list[str]:
 def small_batches(monkeypatch):
     """load_source in batches of 8 stories, so that a source is many batches."""
     real = P.load_source
-    monkeypatch.setattr(P, "load_source", lambda source, batch=0: real(source, batch=8))
+    monkeypatch.setattr(P, "load_source", lambda source, batch=0, **kw: real(source, 8, **kw))
 
 
 def test_encoder_failure_mid_stream_leaves_nothing(small_txt, tmp_path, monkeypatch, small_batches):
@@ -590,7 +657,7 @@ def test_interrupt_from_the_source_leaves_nothing(tmp_path, monkeypatch):
         yield make_stories(50)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(P, "load_source", lambda source, batch=0: {"train": [stories()], "val": []})
+    monkeypatch.setattr(P, "load_source", lambda *a, **k: {"train": [stories()], "val": []})
     out = tmp_path / "out"
     src = write_txt(tmp_path / "s.txt", ["x"])
     with pytest.raises(KeyboardInterrupt):
@@ -758,6 +825,7 @@ def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_prepares_and_prints_counts(small_txt, tmp_path):
     out = tmp_path / "out"
     r = run_cli(f"data.source={small_txt}", f"data.dir={out}", cwd=tmp_path)
@@ -774,6 +842,7 @@ def test_cli_prepares_and_prints_counts(small_txt, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_cli_missing_source_is_a_one_line_error(tmp_path):
     r = run_cli("data.source=/no/such/stories.txt", f"data.dir={tmp_path / 'out'}", cwd=tmp_path)
     assert r.returncode == 1
@@ -784,6 +853,7 @@ def test_cli_missing_source_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_suggested_command_works_pasted_into_a_shell(small_txt, tmp_path):
     out = tmp_path / 'Zoë\'s "best" café'
     prepare(str(small_txt), out)
@@ -802,6 +872,7 @@ def test_suggested_command_works_pasted_into_a_shell(small_txt, tmp_path):
     assert_bins(out, *expected_bins(make_stories(300), 0.01))
 
 
+@pytest.mark.slow
 def test_cli_unquoted_non_ascii_path_is_a_one_line_error_with_the_fix(tmp_path):
     src = write_txt(tmp_path / "Zoë's stories.txt", make_stories(300))
     r = run_cli(f"data.source={src}", f"data.dir={tmp_path / 'out'}", cwd=tmp_path)
@@ -817,6 +888,7 @@ def test_cli_unquoted_non_ascii_path_is_a_one_line_error_with_the_fix(tmp_path):
     assert_bins(tmp_path / "out", *expected_bins(make_stories(300), 0.01))
 
 
+@pytest.mark.slow
 def test_cli_without_the_bpe_files_offline_is_a_one_line_error(small_txt, tmp_path):
     """tiktoken downloads the BPE files on first use: offline with an empty cache, the error
     says how to get them (the proxy makes the download fail at once, never hang)."""
@@ -839,7 +911,8 @@ def test_cli_without_the_bpe_files_offline_is_a_one_line_error(small_txt, tmp_pa
     [line] = r.stderr.strip().splitlines()
     assert line.startswith("error: tiktoken could not load the gpt2 BPE files (")
     assert f"TIKTOKEN_CACHE_DIR is {empty})" in line
-    assert "seed-tiktoken-cache.sh DIR" in line
+    assert "run `python -m slm.tokenizer seed --from FOLDER` (see Offline in the README)" in line
+    assert "shared" not in line  # nothing a user has not got
     assert leftovers(out) == []
 
 

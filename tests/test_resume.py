@@ -2,6 +2,7 @@
 uninterrupted run ends: the same step, weights, validation steps and losses."""
 
 import json
+import logging
 import os
 import random
 import signal
@@ -85,6 +86,7 @@ def interrupt(data_dir, args, run, how):
     return stopped_at
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "how, accumulate", [("SIGINT", 1), ("SIGINT", 2), ("SIGKILL", 2)]
 )  # fmt: skip
@@ -120,7 +122,8 @@ def test_interrupted_run_resumes_exactly(data, uninterrupted, tmp_path, how, acc
     assert mb["final_val_loss"] == pytest.approx(ma["final_val_loss"], rel=1e-5)
 
 
-def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path):
+@pytest.mark.slow
+def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path, caplog):
     data_dir, source = data
     ckpt = uninterrupted(1) / "checkpoints/last.ckpt"
     args = [*args_of(source, 1), f"ckpt_path={ckpt}"]
@@ -133,12 +136,52 @@ def test_resume_refuses_another_schedule_or_model(data, uninterrupted, tmp_path)
         train(tiny_cfg(data_dir, tmp_path / "b", *args, "model.n_layer=3"))
     with pytest.raises(CheckpointError, match="trained with optim=adamw, not optim=muon"):
         train(tiny_cfg(data_dir, tmp_path / "d", *args, "optim=muon"))
-    # Opted in: the run goes on from step 24 to 30 on the new schedule.
+    # Opted in: the run goes on from step 24 to 30 on the new schedule (a higher lr too), with
+    # the new weight decay, and says what changed (and that the global batch did).
     run = tmp_path / "c"
-    train(tiny_cfg(data_dir, run, *args, "trainer.max_steps=30", "allow_schedule_change=true"))
-    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 30
+    caplog.set_level(logging.WARNING, logger="slm")
+    train(tiny_cfg(data_dir, run, *args, "trainer.max_steps=30", "allow_schedule_change=true",
+                   "optim.lr=6e-3", "optim.weight_decay=0.05", "data.batch_size=8"))  # fmt: skip
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 30
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [6e-3, 6e-3]
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 1e-4])  # min_lr at max_steps
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert (
+        "resuming with optim.lr=0.006 (checkpoint: 0.003), optim.weight_decay=0.05 (checkpoint: "
+        "0.1), trainer.max_steps=30 (checkpoint: 24)"
+    ) in caplog.text
+    assert (
+        "resuming at a global batch of 8 sequences (data.batch_size=8 x 1 devices x accumulate "
+        "1), where the checkpoint's run trained at 4 (4 x 1 x 1)"
+    ) in caplog.text
 
 
+@pytest.mark.slow
+def test_resume_refuses_another_data_dir(data, uninterrupted, tmp_path):
+    """Another data.dir would switch the validation set under best_val_loss: one line, unless
+    allow_data_change=true."""
+    data_dir, source = data
+    ckpt = uninterrupted(1) / "checkpoints/last.ckpt"
+    other = tmp_path / "other"
+    prepare(source.removeprefix("data.source="), other, val_fraction=0.1)
+    args = [*args_of(source, 1), f"ckpt_path={ckpt}"]
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_cfg(other, tmp_path / "a", *args))
+    assert str(e.value) == (
+        f"ckpt_path={ckpt} was trained on data.dir={data_dir}, not {other}: the validation set "
+        "would change and best_val_loss would mix the two; resume with "
+        f"data.dir={data_dir}, or pass allow_data_change=true to go on with the new data"
+    )
+    assert not (tmp_path / "a").exists()
+    more = ["trainer.max_steps=26", "allow_schedule_change=true"]
+    train(tiny_cfg(other, tmp_path / "b", *args, *more, "allow_data_change=true"))
+    last = torch.load(tmp_path / "b/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 26 and last["TokenDataModule"]["dir"] == str(other)
+
+
+@pytest.mark.slow
 def test_ckpt_path_last_looks_in_this_run_only(data, uninterrupted, tmp_path):
     """Never another run's (or sweep job's) last.ckpt, even one in the same outputs tree."""
     uninterrupted(1)

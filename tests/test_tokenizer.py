@@ -4,7 +4,9 @@ after every story."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,9 +115,8 @@ def test_no_bpe_files_offline_is_a_one_line_error(offline_tiktoken):
     assert str(e.value) == (
         "tiktoken could not load the gpt2 BPE files (ConnectionError: HTTPSConnectionPool("
         "host='openaipublic...'): Max retries; TIKTOKEN_CACHE_DIR is /empty/cache); run once "
-        "online to cache them, or offline set TIKTOKEN_CACHE_DIR to a directory seeded with "
-        "vocab.bpe and encoder.json (bash ../shared/data/gpt2/seed-tiktoken-cache.sh DIR; see "
-        "Offline in the README)"
+        "online to cache them, or offline copy vocab.bpe and encoder.json into a folder FOLDER "
+        "and run `python -m slm.tokenizer seed --from FOLDER` (see Offline in the README)"
     )
 
 
@@ -254,3 +255,65 @@ def test_foreign_tokenizer_json_is_refused(bpe, edit, message):
     with pytest.raises(SlmError, match=f"x/tokenizer.json: .*{message}") as e:
         tokenizer.BPETokenizer(_edit(bpe, edit), "x/tokenizer.json")
     assert "\n" not in str(e.value)
+
+
+# -- offline: python -m slm.tokenizer seed ---------------------------------------------------
+
+GPT2_FILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2"
+
+
+@pytest.fixture
+def bpe_files(tmp_path) -> Path:
+    """A copy of the GPT-2 BPE files, as a user would bring them to an offline machine."""
+    if not all((GPT2_FILES / name).is_file() for name in ("vocab.bpe", "encoder.json")):
+        pytest.skip(f"the GPT-2 BPE files are not at {GPT2_FILES}")
+    folder = tmp_path / "gpt2-files"
+    folder.mkdir()
+    for name in ("vocab.bpe", "encoder.json"):
+        shutil.copy(GPT2_FILES / name, folder / name)
+    return folder
+
+
+def test_seed_fills_a_cache_that_tiktoken_loads_without_network(
+    bpe_files, tmp_path, monkeypatch, capsys
+):
+    cache = tmp_path / "cache"
+    tokenizer.main(["seed", str(cache), "--from", str(bpe_files)])
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2 and f"export TIKTOKEN_CACHE_DIR={cache}" in err
+    # tiktoken's own gpt2 constructor, reading this cache, with every download refused.
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    monkeypatch.setattr(tiktoken.load, "read_file", lambda path: pytest.fail(f"downloads {path}"))
+    from tiktoken_ext.openai_public import gpt2
+
+    enc = tiktoken.Encoding(**gpt2())
+    text = "Once upon a time, Zoë found a 🐶."
+    assert enc.encode_ordinary(text) == tokenizer.encode(text)
+
+
+def test_seed_into_tiktokens_own_cache_by_default(bpe_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "default"))
+    tokenizer.main(["seed", "--from", str(bpe_files)])
+    out, err = capsys.readouterr()
+    assert len(list((tmp_path / "default").iterdir())) == 2 and err == ""
+
+
+def test_seed_checks_the_hashes_before_writing(bpe_files, tmp_path, capsys):
+    with open(bpe_files / "encoder.json", "ab") as f:
+        f.write(b" ")
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit) as e:
+        tokenizer.main(["seed", str(cache), "--from", str(bpe_files)])
+    assert e.value.code == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {bpe_files / 'encoder.json'} has SHA-256 ")
+    assert "not GPT-2's 196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783" in line
+    assert not cache.exists()  # vocab.bpe was right, but nothing is written
+
+
+def test_seed_from_a_folder_without_the_files(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tokenizer.main(["seed", str(tmp_path / "cache"), "--from", str(tmp_path)])
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: cannot read {tmp_path / 'vocab.bpe'} (No such file")
+    assert "holding the GPT-2 BPE files vocab.bpe and encoder.json" in line

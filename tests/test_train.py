@@ -6,6 +6,8 @@ import math
 import os
 import re
 import signal
+import socket
+import time
 from pathlib import Path
 
 import lightning as L
@@ -34,6 +36,7 @@ TINY_ARGS = [
     "optim.lr=3e-3",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
+    "stories=0",  # the story suite at the end: on in the tests that check it
 ]
 
 
@@ -64,17 +67,45 @@ def small_dir(tmp_path_factory):
     return d / "data", str(src)
 
 
+@pytest.mark.slow
 def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="slm")
     run = tmp_path / "run"
-    cfg = tiny_cfg(v1_dir, run, f"data.source={v1_txt}", "data.val_fraction=0.02")
+    # The story suite on 2 openings, with a judge that is not there: recorded, not fatal.
+    closed = socket.create_server(("127.0.0.1", 0))
+    judge = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    closed.close()
+    suite = ["stories=2", "suite.max_new_tokens=8", f"judge={judge}", "suite.judge_model=m",
+             "suite.judge_retries=0"]  # fmt: skip
+    cfg = tiny_cfg(v1_dir, run, f"data.source={v1_txt}", "data.val_fraction=0.02", *suite)
     best = train(cfg)
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {
         "status", "best_val_loss", "final_val_loss", "final_val_step", "steps", "tokens_seen",
-        "wall_seconds", "tokens_per_second",
+        "wall_seconds", "tokens_per_second", "parameters", "stories",
     }  # fmt: skip
+    # model=tiny: the tied 50304 x 64 embedding, 64 x 64 positions, 2 blocks of 12 x 64^2
+    # weights plus their norms' 4 x 64 and the final norm's 64 (no biases).
+    blocks = 2 * (12 * 64 * 64 + 4 * 64) + 64
+    assert metrics["parameters"] == {
+        "total": 50304 * 64 + 64 * 64 + blocks, "embedding": 50304 * 64 + 64 * 64,
+        "non_embedding": blocks,
+    }  # fmt: skip
+    assert "sized for a GPU" not in caplog.text
+    # The suite on slm.pt: 2 held-out openings, greedy and sampled; its completions beside.
+    suite = metrics["stories"]
+    assert suite["openings"] == 2 and suite["settings"]["max_new_tokens"] == 8
+    assert 0 < suite["continuation_loss"] < math.log(50257)
+    assert set(suite["greedy"]) == set(suite["sampled"]) == {
+        "completions", "distinct_1", "distinct_2", "distinct_3", "repeat_4gram", "eot_rate",
+        "words", "carryover",
+    }  # fmt: skip
+    assert suite["judge"]["error"].startswith(f"judge {judge} (m): no answer from {judge}")
+    records = [json.loads(x) for x in (run / "slm.stories.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["tokens"] <= 8 for r in records)
+    held_out = v1_txt.read_text()
+    assert all(r["opening"] in held_out for r in records)  # real stories' first sentences
     assert metrics["final_val_step"] == 40
     assert metrics["status"] == "completed"
     assert metrics["steps"] == 40
@@ -90,6 +121,9 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog)
     assert {"train/loss", "val/loss", "val/ppl", "val/bpb"} <= set(tags)
     assert any(t.startswith("lr-") for t in tags)
     assert "train/device/items_per_sec" in tags  # tokens/s (and MFU on GPUs Lightning knows)
+    story = acc.Scalars("stories/greedy_distinct_2")
+    assert [e.step for e in story] == [40]
+    assert story[0].value == pytest.approx(suite["greedy"]["distinct_2"], rel=1e-6)
     samples = acc.Tensors("samples/text_summary")
     assert [e.step for e in samples] == [20, 40]  # one story per validation
     story = samples[-1].tensor_proto.string_val[0].decode()
@@ -120,6 +154,7 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_run_history_starts_with_step0_val(small_dir, tmp_path):
     data, src = small_dir
     run = tmp_path / "run"
@@ -136,6 +171,7 @@ def test_run_history_starts_with_step0_val(small_dir, tmp_path):
     assert [s for s, _ in history["train"]] == [2, 5, 6]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step(small_dir, tmp_path, monkeypatch):
     data, src = small_dir
     real = GPTModule.forward
@@ -167,6 +203,7 @@ class CtrlC(L.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_step_and_leaves_outputs(small_dir, tmp_path, monkeypatch):
     data, src = small_dir
     run = tmp_path / "run"
@@ -191,7 +228,7 @@ def test_ctrl_c_finishes_the_step_and_leaves_outputs(small_dir, tmp_path, monkey
     assert (run / "slm.pt").exists() and (run / "loss.png").exists()
 
 
-def test_failure_before_first_step_writes_no_weights(small_dir, tmp_path, monkeypatch):
+def test_failure_before_first_step_writes_no_weights(small_dir, tmp_path, monkeypatch, caplog):
     """A run that crashes at step 0 (as fused AdamW + clipping did on every GPU) leaves
     metrics.json saying so, and no slm.pt that generate.py would take for a model."""
     data, src = small_dir
@@ -201,12 +238,15 @@ def test_failure_before_first_step_writes_no_weights(small_dir, tmp_path, monkey
         raise RuntimeError("the optimizer does not allow for gradient clipping\nsecond line")
 
     monkeypatch.setattr(GPTModule, "training_step", crash)
-    with pytest.raises(RuntimeError, match="gradient clipping"):
+    with caplog.at_level(logging.INFO, logger="slm"), pytest.raises(RuntimeError, match="clip"):
         train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["steps"] == 0
     assert metrics["error"] == "RuntimeError: the optimizer does not allow for gradient clipping"
     assert not (run / "slm.pt").exists() and not (run / "loss.png").exists()
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == [".train.lock", "metrics.json"]
+    # What the log says it wrote is what is there.
+    assert f"wrote {run}/metrics.json: " in caplog.text and "slm.pt" not in caplog.text
 
 
 def test_block_size_larger_than_split(small_dir, tmp_path):
@@ -232,6 +272,20 @@ def test_block_size_larger_than_split(small_dir, tmp_path):
         ("+trainer.val_check_interval=5", "use val_every_n_steps"),
         ("+trainer.logger=false", "trainer.logger is set by slm's train"),
         ("val_every_n_steps=0", "val_every_n_steps=0 must be a positive integer"),
+        # Every numeric knob's range.
+        ("optim.weight_decay=-1", r"optim.weight_decay=-1 must be >= 0 \(0: no weight decay\)"),
+        ("optim.lr=nan", "optim.lr=nan must be a number"),
+        ("optim.betas=[0.9,1.5]", r"optim.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)"),
+        ("optim.min_lr=-1e-4", "optim.min_lr=-0.0001 must be >= 0"),
+        ("model.dropout=1.0", r"model.dropout=1.0 must be in \[0, 1\)"),
+        ("model.n_embd=64.5", "model.n_embd=64.5 must be a positive integer"),
+        ("trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val=-1 must be >= 0 \(or null"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be a positive integer"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
+        ("data.val_fraction=1.5", r"data.val_fraction=1.5 must be in \(0, 1\)"),
+        ("data.max_stories=0", "data.max_stories=0 must be a positive integer"),
+        ("sample.max_new_tokens=-1", "sample.max_new_tokens=-1 must be an integer >= 0"),
+        ("seed=-1", "seed=-1 must be an integer >= 0"),
     ],
 )
 def test_invalid_config_fails_before_training(override, message, tmp_path):
@@ -241,6 +295,7 @@ def test_invalid_config_fails_before_training(override, message, tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_last_ckpt_follows_training_when_val_gets_worse(small_dir, tmp_path, monkeypatch):
     """last.ckpt is refreshed at every validation, not only when val/loss improves."""
     data, src = small_dir
@@ -260,6 +315,7 @@ def test_last_ckpt_follows_training_when_val_gets_worse(small_dir, tmp_path, mon
     assert torch.load(run / "slm.pt", weights_only=True)["step"] == 2  # the best weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, message",
     [("optim.lr=abc", "optim.lr=abc must be a number"),
@@ -356,3 +412,61 @@ def test_bpe_fit_loss_falls_resumes_exactly_and_generates(bpe_run, v2_txt, tmp_p
     ids = generate(load_model(pt), tok.encode("Once upon a time"), 20, temperature=0)[0]
     assert out == "Once upon a time" + tok.decode(ids) + "\n" and len(ids) > 0
     assert all(t < 4096 for t in ids)
+def test_gpu_sized_run_on_a_cpu_is_warned(tmp_path, caplog):
+    """model=small's 5000 steps (7e15 FLOPs) on a CPU: a plain warning at the start, pointing
+    to the CPU quick start (the run then stops at the missing data, before any step)."""
+    where = [f"run_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}"]
+    cfg = compose(
+        "train", ["model=small", "hardware=cpu", *where, f"data.source={tmp_path}/no.txt"]
+    )
+    with caplog.at_level(logging.INFO, logger="slm"), pytest.raises(DataError, match="no.txt"):
+        train(cfg)
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage().startswith(
+        "this run is sized for a GPU (30.0M parameters x 8,192 tokens a step x 5,000 steps = "
+        "7.4e+15 FLOPs) and trains on the CPU"
+    )
+    assert "experiment=quickstart" in warning.getMessage()
+
+
+@pytest.mark.slow
+def test_a_run_dir_belongs_to_one_live_run(small_dir, tmp_path):
+    """Two real train.py on one hydra.run.dir: the second stops with one line before writing
+    anything there (not .hydra/, not train.log); the first one's lock dies with it."""
+    import subprocess
+    import sys
+
+    from slm.rundir import run_dir_lock
+
+    data, src = small_dir
+    run = tmp_path / "run"
+    command = [sys.executable, "train.py", *TINY_ARGS, f"data.dir={data}", f"data.source={src}",
+               "data.val_fraction=0.1", f"hydra.run.dir={run}"]  # fmt: skip
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(
+            [*command, "trainer.max_steps=100000"], cwd=REPO, stdout=log, stderr=log
+        )
+    try:
+        for _ in range(1200):  # it holds the lock once it has written its config
+            if (run / ".hydra" / "overrides.yaml").exists():
+                break
+            assert first.poll() is None, (tmp_path / "first.log").read_text()
+            time.sleep(0.1)
+        time.sleep(0.2)  # the file written whole
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        second = subprocess.run(
+            [*command, "seed=7"], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert second.returncode == 1
+        lines = [ln for ln in (second.stdout + second.stderr).splitlines() if ln.strip()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {run} is the run directory of a run still going on "
+                                   f"(pid {first.pid}); give this run its own")  # fmt: skip
+        assert first.poll() is None  # the first goes on, its files untouched by the second
+        assert (run / ".hydra" / "overrides.yaml").read_text() == overrides
+        assert "seed=7" not in (run / "train.log").read_text()
+    finally:
+        first.kill()
+        first.wait()
+    with run_dir_lock(run):  # the killed run's lock file is there, and blocks nothing
+        assert (run / ".train.lock").read_text().strip() == str(os.getpid())

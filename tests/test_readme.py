@@ -1,0 +1,129 @@
+"""The README's door, as written: the quick start's commands (shortened, see QUICK_START_IN_CI)
+and the snippets that use what they produce (generate.py, the export and its transformers
+Python snippet)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slm.config import compose
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+# The quick start as CI runs it: the same command, plus overrides that (1) read the stories
+# from the TinyStories piece next to the repo, as CI reaches no hub (the preset streams the
+# hub's first stories), and (2) shorten it to 6 optimizer steps of 4 windows, validating
+# every 3 steps on 8 windows. Everything else (model, context, learning rate, data slice
+# and dir, loader) is the preset's.
+QUICK_START_IN_CI = [
+    "trainer.max_steps=6",
+    "val_every_n_steps=3",
+    "data.batch_size=4",
+    "data.val_windows=8",
+]
+
+
+def section(title: str) -> str:
+    """The README's ``## title`` section."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.M | re.S)
+    assert match, f"the README has no section {title!r}"
+    return match.group(1)
+
+
+def code_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.M | re.S)
+
+
+def commands(block: str, program: str) -> list[list[str]]:
+    """The lines of a bash block that run ``program``, as argv (comments dropped)."""
+    lines = [shlex.split(line, comments=True) for line in block.splitlines()]
+    return [argv for argv in lines if argv[:2] == ["python", program]]
+
+
+@pytest.fixture(scope="module")
+def quick_start_run(v1_txt, tmp_path_factory) -> Path:
+    """``python train.py ...`` of the README's quick start, run where a user would (the data
+    dir and outputs/ land in the current directory)."""
+    cwd = tmp_path_factory.mktemp("user")
+    [block] = code_blocks(section("Quick start"), "bash")[:1]
+    [train] = commands(block, "train.py")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *train[2:], f"data.source={v1_txt}",
+         *QUICK_START_IN_CI],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run] = (cwd / "outputs").glob("*/*")
+    return run
+
+
+@pytest.mark.slow
+def test_quick_start_trains_and_generates_as_written(quick_start_run, capsys):
+    run = quick_start_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["status"], metrics["steps"]) == ("completed", 6)
+    assert metrics["parameters"]["total"] < 10e6  # a model for a CPU
+    log = (run / "train.log").read_text()
+    assert "model: 7.23M parameters (0.79M non-embedding, 6.44M embedding)" in log
+    assert "sized for a GPU" not in log  # the preset trains on a CPU in minutes
+    assert (run / "slm.pt").is_file() and (run / "loss.png").is_file()
+    [block] = code_blocks(section("Quick start"), "bash")[:1]
+    [generate] = commands(block, "generate.py")
+    args = [a.replace("outputs/DATE/TIME", str(run)) for a in generate[2:]]
+    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.run(compose("generate", args)) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("--- sample 1/3 ---\nOnce upon a time") and "tokens/s" in err
+
+
+@pytest.fixture
+def tiny_run(tmp_path) -> Path:
+    """A run dir with the slm.pt of a model=tiny (GPT-2 family, 64 positions; untrained)."""
+    import torch
+
+    from slm.model import GPT, GPTConfig
+
+    config = GPTConfig(**compose("train", ["model=tiny"]).model)
+    run = tmp_path / "tiny-run"
+    run.mkdir()
+    state = GPT(config).state_dict()
+    torch.save({"model_args": config.to_dict(), "model": state, "step": 1}, run / "slm.pt")
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["quick_start_run", "tiny_run"])
+def test_hugging_face_snippets_as_written(which, request, tmp_path, monkeypatch, capsys):
+    """The export command and the transformers snippet (the README's and the model card's) on
+    the quick start's model (Qwen 3, context 128) and on a model=tiny (GPT-2, 64 positions):
+    the prompt and its new tokens must fit in the context."""
+    pytest.importorskip("transformers")
+    from slm import export
+
+    run = request.getfixturevalue(which)
+    share = section("Share to Hugging Face")
+    lines = code_blocks(share, "bash")[0].splitlines()
+    [args] = [
+        argv[3:] for argv in (shlex.split(line, comments=True) for line in lines)
+        if argv[:3] == ["python", "-m", "slm.export"]
+    ]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    export.main([a.replace("outputs/DATE/TIME", str(run)) for a in args])
+    card = (tmp_path / "my-model" / "README.md").read_text()
+    for where, text in [("README.md", share), ("my-model/README.md", card)]:  # and the card's
+        [snippet] = code_blocks(text, "python")
+        capsys.readouterr()
+        exec(compile(snippet, where, "exec"), {})
+        story = capsys.readouterr().out
+        assert story.startswith("Once upon a time") and len(story) > 100, where
