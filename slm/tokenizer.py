@@ -466,6 +466,8 @@ def from_state(state: Mapping | None, where: str = "the checkpoint") -> Tokenize
         f"{where}: stores tokenizer {state.get('name')!r}, which slm does not know "
         f"({', '.join(KINDS)})"
     )
+
+
 # -- offline: seed tiktoken's cache with copied BPE files ---------------------------------------
 # python -m slm.tokenizer seed [CACHE_DIR] --from FOLDER
 

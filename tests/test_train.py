@@ -412,6 +412,8 @@ def test_bpe_fit_loss_falls_resumes_exactly_and_generates(bpe_run, v2_txt, tmp_p
     ids = generate(load_model(pt), tok.encode("Once upon a time"), 20, temperature=0)[0]
     assert out == "Once upon a time" + tok.decode(ids) + "\n" and len(ids) > 0
     assert all(t < 4096 for t in ids)
+
+
 def test_gpu_sized_run_on_a_cpu_is_warned(tmp_path, caplog):
     """model=small's 5000 steps (7e15 FLOPs) on a CPU: a plain warning at the start, pointing
     to the CPU quick start (the run then stops at the missing data, before any step)."""
