@@ -86,8 +86,8 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog)
         "wall_seconds", "tokens_per_second", "parameters", "stories",
     }  # fmt: skip
     # model=tiny: the tied 50304 x 64 embedding, 64 x 64 positions, 2 blocks of 12 x 64^2
-    # weights plus their norms' 4 x 64 and the final norm's 64 (no biases).
-    blocks = 2 * (12 * 64 * 64 + 4 * 64) + 64
+    # weights plus their two norms' 2 x 64 and the final norm's 64 (no biases).
+    blocks = 2 * (12 * 64 * 64 + 2 * 64) + 64
     assert metrics["parameters"] == {
         "total": 50304 * 64 + 64 * 64 + blocks, "embedding": 50304 * 64 + 64 * 64,
         "non_embedding": blocks,
