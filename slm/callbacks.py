@@ -323,10 +323,12 @@ class SampleStories(L.Callback):
         from slm import tokenizer
         from slm.sample import generate
 
+        tok = getattr(pl_module, "tokenizer", None) or tokenizer.gpt2()  # the data's
         ids = generate(
-            pl_module.model, tokenizer.encode(self.prompt), self.max_new_tokens, temperature=0
-        )[0]
-        story = self.prompt + tokenizer.decode(ids)
+            pl_module.model, tok.encode(self.prompt), self.max_new_tokens, temperature=0,
+            stop_token=tok.eot_id,
+        )[0]  # fmt: skip
+        story = self.prompt + tok.decode(ids)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 # Markdown: two trailing spaces keep the story's line breaks.
