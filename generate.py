@@ -1,4 +1,5 @@
-"""Generate stories from a trained checkpoint (``slm.pt`` or a Lightning ``.ckpt``).
+"""Generate stories from a trained checkpoint (``slm.pt`` or a Lightning ``.ckpt``), with the
+tokenizer it embeds.
 
     python generate.py ckpt=outputs/run/slm.pt
     python generate.py ckpt=PATH prompt="Once upon a time" max_new_tokens=200 \
@@ -20,8 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from slm import tokenizer
-from slm.checkpoint import load_model
+from slm.checkpoint import load_model, load_tokenizer
 from slm.errors import one_line
 from slm.sample import check_sampling, generate, resolve_device, warm_up
 
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> int:
     try:
         device, compile = validate(cfg)
         model = load_model(cfg.ckpt, device)  # CheckpointError is a ValueError
-        enc = tokenizer.get_encoding()  # an SlmError offline without the BPE files
+        tok = load_tokenizer(cfg.ckpt)  # an SlmError for gpt2 offline without the BPE files
     except ValueError as e:
         print(f"error: {one_line(e)}", file=err)
         return 1
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> int:
 
     def on_token(i: int, t: int) -> None:
         if i == 0:
-            out.write(utf8.decode(enc.decode_single_token_bytes(t)))
+            out.write(utf8.decode(tok.token_bytes(t)))
             out.flush()
 
     def header(i: int) -> None:
@@ -78,9 +78,9 @@ def run(cfg: DictConfig) -> int:
             t0 = time.perf_counter()
             warm_up(model, n)
             compile_s = time.perf_counter() - t0
-        ids, block = tokenizer.encode(prompt), model.config.block_size
+        ids, block = tok.encode(prompt), model.config.block_size
         if len(ids) > block:  # said before the text starts, where it is seen
-            kept = tokenizer.decode(ids[-block:])
+            kept = tok.decode(ids[-block:])
             print(
                 f"warning: the prompt has {len(ids)} tokens, more than the model's context "
                 f"(block_size={block}): the stories continue from its last {block} tokens "
@@ -103,6 +103,7 @@ def run(cfg: DictConfig) -> int:
                 num_samples=n,
                 generator=generator,
                 on_token=on_token,
+                stop_token=tok.eot_id,
                 compile=compile,
             )
         except KeyboardInterrupt:
@@ -113,7 +114,7 @@ def run(cfg: DictConfig) -> int:
     out.write(utf8.decode(b"", final=True) + "\n")
     for i in range(1, n):
         header(i)
-        out.write(prompt + tokenizer.decode(samples[i]) + "\n")
+        out.write(prompt + tok.decode(samples[i]) + "\n")
     out.flush()
     tokens = sum(len(s) for s in samples)
     compiled = f", compiled (compile {compile_s:.1f} s, once per process)" if compile else ""

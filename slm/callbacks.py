@@ -339,15 +339,17 @@ class SampleStories(L.Callback):
         from slm.strategy import is_sharded
 
         # Sharded (strategy=fsdp), each forward gathers every rank's shards: all ranks
-        # generate the same greedy story together, rank 0 logs it.
+        # generate the same greedy story together (stopping at the same token), rank 0 logs it.
         if not (trainer.is_global_zero or is_sharded(pl_module.model)):
             return
+        tok = getattr(pl_module, "tokenizer", None) or tokenizer.gpt2()  # the data's
         ids = generate(
-            pl_module.model, tokenizer.encode(self.prompt), self.max_new_tokens, temperature=0
-        )[0]
+            pl_module.model, tok.encode(self.prompt), self.max_new_tokens, temperature=0,
+            stop_token=tok.eot_id,
+        )[0]  # fmt: skip
         if not trainer.is_global_zero:
             return
-        story = self.prompt + tokenizer.decode(ids)
+        story = self.prompt + tok.decode(ids)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 # Markdown: two trailing spaces keep the story's line breaks.

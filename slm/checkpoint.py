@@ -4,7 +4,9 @@
 files both load as a ``GPTConfig`` and the GPT's state dict, with ``weights_only=True`` (only
 tensors and primitives are unpickled); so does a Hugging Face ``transformers`` directory of
 the families ``slm.export`` writes (``slm.export.read_hf``). Every problem is a one-line
-``CheckpointError``.
+``CheckpointError``. Each also carries its tokenizer (``load_tokenizer``): ``slm.pt`` and
+``.ckpt`` files under ``"tokenizer"`` (``Tokenizer.state()``; gpt2 where there is none), a
+``transformers`` directory as its tokenizer files.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, open_dict
 from slm import tokenizer
 from slm.errors import CheckpointError, ConfigError, first_line
 from slm.model import GPT, GPTConfig
-from slm.tokenizer import Tokenizer
+from slm.tokenizer import Tokenizer, from_state
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,10 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / SHARDED_META).is_file()
 
 
-def read(path: str | Path) -> dict:
-    """The dict inside a checkpoint file, loaded on the CPU with ``weights_only=True``; of a
-    sharded checkpoint folder, its ``meta.pt`` (all but the weights and optimizer state)."""
+def read(path: str | Path, mmap: bool = False) -> dict:
+    """The dict inside a checkpoint file, loaded on the CPU with ``weights_only=True``
+    (``mmap``: tensors are mapped, read only where they are used); of a sharded checkpoint
+    folder, its ``meta.pt`` (all but the weights and optimizer state)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file; pass a slm.pt or a Lightning .ckpt")
@@ -54,7 +57,7 @@ def read(path: str | Path) -> dict:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # weights_only refuses anything but tensors and primitives; a plain pickle lands here too.
         raise CheckpointError(
@@ -139,9 +142,20 @@ def read_sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer the checkpoint ``path`` was trained with (``gpt2`` for every checkpoint
-    that does not embed another)."""
-    return tokenizer.gpt2()
+    """The tokenizer the checkpoint ``path`` was trained with, ready to encode: the one that
+    an ``slm.pt`` or ``.ckpt`` embeds (``gpt2`` for a checkpoint from before tokenizers were
+    stored), or a ``transformers`` directory's (``slm.export.read_hf_tokenizer``). A one-line
+    ``SlmError`` for a file that is no checkpoint, or gpt2 offline without its BPE files."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from slm.export import read_hf_tokenizer
+
+        return read_hf_tokenizer(path).load()
+    try:  # mapped: the weights are not read
+        obj = read(path, mmap=True)
+    except CheckpointError:  # e.g. a file saved in torch's legacy (non-zip) format
+        obj = read(path)
+    return tokenizer.from_state(obj.get("tokenizer"), str(path)).load()
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
@@ -181,10 +195,15 @@ CONFIG_KEY = {"max_steps": "trainer.max_steps", "optimizer": "optim.name"}
 
 
 def check_resume(
-    path: str | Path, hparams: dict, allow_schedule_change: bool = False, strategy: str = "ddp"
+    path: str | Path,
+    hparams: dict,
+    allow_schedule_change: bool = False,
+    tokenizer: Tokenizer | None = None,
+    strategy: str = "ddp",
 ) -> None:
     """Before Lightning restores the training checkpoint ``path`` into a ``GPTModule`` built
-    from ``hparams`` (its keyword arguments): the checkpoint must hold the same model (every
+    from ``hparams`` (its keyword arguments): the checkpoint must have been trained with
+    ``tokenizer`` (the data's; not checked where None) and hold the same model (every
     ``GPTConfig`` field) and optimizer, and the same learning-rate ``SCHEDULE`` unless
     ``allow_schedule_change``; each a one-line error, instead of Lightning's state-dict
     mismatch listing or a silent lr jump. Other optimizer settings that differ (weight decay,
@@ -205,6 +224,14 @@ def check_resume(
             f"resume with strategy={written_by}, or start a new run from its weights with "
             f"init_from={path}"
         )
+    if tokenizer is not None:
+        trained_with = from_state(obj.get("tokenizer"), f"ckpt_path={path}")
+        if not trained_with.same_as(tokenizer):
+            raise CheckpointError(
+                f"ckpt_path={path} was trained with tokenizer {trained_with.describe()}, but "
+                f"data.dir holds tokens of {tokenizer.describe()}; resume with the run's "
+                "data.dir and tokenizer settings"
+            )
     model = {f.name for f in dataclasses.fields(GPTConfig)}
     # A key that older checkpoints lack had its default then: GPT-2's knobs, AdamW.
     defaults = {**GPTConfig().to_dict(), "optimizer": "adamw"}
@@ -251,12 +278,7 @@ def check_resume_data(path: str | Path, data_dir: str | Path, allow_change: bool
     on would switch the validation set and mix two sets' losses in ``best_val_loss``: a
     one-line ``CheckpointError``, unless ``allow_change``. Checkpoints that do not record
     their data dir pass."""
-    if is_sharded_checkpoint(path):
-        obj = read(path)  # its meta.pt: all but the weights and optimizer state
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no copy
+    obj = read(path, mmap=True)  # no copy of the weights (of a sharded folder: its meta.pt)
     trained_on = (obj.get("TokenDataModule") or {}).get("dir")
     here = Path(data_dir).expanduser().resolve()
     if trained_on and Path(trained_on) != here and not allow_change:

@@ -15,6 +15,7 @@ from slm.model import CHOICES
 from slm.optim import OPTIMIZERS
 from slm.precision import default_precision
 from slm.strategy import check_strategy
+from slm.tokenizer import check_config as check_tokenizer_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -137,6 +138,20 @@ def model_overrides() -> dict[str, str]:
     return keys
 
 
+def command_line(group: str) -> list[str]:
+    """The overrides on this run's command line that set the config group ``group`` or one
+    of its keys (``tokenizer=bpe``, ``tokenizer.vocab_size=8192``); empty outside a Hydra
+    app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except ValueError:  # not inside a Hydra app
+        return []
+    keys = [text.lstrip("+~").partition("=")[0] for text in task]
+    return [text for text, key in zip(task, keys) if key == group or key.startswith(group + ".")]
+
+
 def _choice(group: str) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -202,6 +217,8 @@ def _check_ranges(cfg: DictConfig) -> None:
     vw = cfg.data.val_windows
     if not (vw == "all" or (_is_number(vw, integer=True) and vw >= 1)):
         raise ConfigError(f"data.val_windows={vw} must be a positive integer or 'all'")
+    if cfg.get("tokenizer") is not None:
+        check_tokenizer_config(cfg.tokenizer)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -25,7 +25,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from slm import tokenizer
-from slm.prepare import SPLITS, DataError, prepare, prepare_command, read_meta
+from slm.prepare import (
+    SPLITS,
+    DataError,
+    prepare,
+    prepare_command,
+    read_meta,
+    read_tokenizer,
+    reprepare,
+)
+from slm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +51,11 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
             + prepare_command(data_dir, None)
         )
     # The fix names the recorded source, so that the command says what it will read.
-    fix = prepare_command(
-        data_dir, meta.get("source"), meta.get("val_fraction"), meta.get("max_stories")
-    )
-    if meta.get("tokenizer") != tokenizer.NAME or meta.get("dtype") != "uint16":
+    fix = reprepare(data_dir, meta)
+    if meta.get("tokenizer") not in tokenizer.KINDS or meta.get("dtype") != "uint16":
         raise DataError(
             f"{data_dir}/meta.json is for tokenizer {meta.get('tokenizer')!r} "
-            f"({meta.get('dtype')}), not gpt2 (uint16); {fix}"
+            f"({meta.get('dtype')}), not gpt2 (uint16) or bpe (uint16); {fix}"
         )
     if not path.exists():
         raise DataError(f"{path} is missing; {fix}")
@@ -66,9 +73,10 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
     # Chunked so that even a 1 GB bin is checked without holding it in memory.
     step = 1 << 24
     top = max((int(tokens[i : i + step].max()) for i in range(0, len(tokens), step)), default=0)
-    if top >= tokenizer.VOCAB_SIZE:
+    vocab = meta.get("vocab_size", tokenizer.VOCAB_SIZE)
+    if top >= vocab:
         raise DataError(
-            f"{path} holds token id {top}, beyond the gpt2 vocab of {tokenizer.VOCAB_SIZE}; {fix}"
+            f"{path} holds token id {top}, beyond the {meta['tokenizer']} vocab of {vocab}; {fix}"
         )
     return tokens
 
@@ -164,7 +172,9 @@ class FixedWindows(Dataset):
 
 class TokenDataModule(L.LightningDataModule):
     """Train/val batches from ``train.bin``/``val.bin`` in ``dir``, prepared on demand from
-    ``source`` (None: what ``dir`` holds, else TinyStories; see ``prepare.resolve_source``)."""
+    ``source`` (None: what ``dir`` holds, else TinyStories; see ``prepare.resolve_source``)
+    with ``tokenizer`` (the ``tokenizer`` config, or a ``Tokenizer``: see ``prepare``). After
+    ``setup``, ``self.tokenizer`` is the tokenizer the bins were made with."""
 
     def __init__(
         self,
@@ -177,18 +187,24 @@ class TokenDataModule(L.LightningDataModule):
         val_windows: int | str = 200,
         overwrite: bool = False,
         seed: int = 1337,
+        tokenizer=None,
         max_stories: int | None = None,
     ) -> None:
         super().__init__()
         self.dir, self.source = Path(dir).expanduser().resolve(), source
         self.block_size, self.batch_size, self.num_workers = block_size, batch_size, num_workers
         self.val_fraction, self.val_windows, self.overwrite = val_fraction, val_windows, overwrite
+        self.tokenizer_request = tokenizer
+        self.tokenizer: Tokenizer | None = None
         self.seed, self.max_stories = seed, max_stories
         self.n_tokens: dict[str, int] = {}
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node, before setup().
-        prepare(self.source, self.dir, self.val_fraction, self.overwrite, self.max_stories)
+        prepare(
+            self.source, self.dir, self.val_fraction, self.overwrite, self.tokenizer_request,
+            self.max_stories,
+        )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
@@ -200,6 +216,7 @@ class TokenDataModule(L.LightningDataModule):
                 )
             self.n_tokens[split] = n
         self.meta = read_meta(self.dir)
+        self.tokenizer = read_tokenizer(self.dir, self.meta)
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         workers = self.num_workers

@@ -4,10 +4,11 @@ model's ``block_size`` (the last, partial window is left out).
     python -m slm.evaluate ckpt=outputs/.../slm.pt data.dir=DIR    # DIR's val split
     python -m slm.evaluate ckpt=PATH text=stories.txt              # all of any text source
 
-With ``data.dir`` (prepared on demand, like training: ``data.source`` null stands for what it
-holds) the text is its ``val.bin``. With ``text=SRC`` (any ``data.source``: a hub name, a
-file or a directory) it is every story of SRC, all its splits, tokenized into a temporary
-file: no data dir is read or written.
+With ``data.dir`` (prepared on demand, like training, with the checkpoint's own tokenizer:
+``data.source`` null stands for what it holds) the text is its ``val.bin``, which must be
+tokens of the checkpoint's tokenizer. With ``text=SRC`` (any ``data.source``: a hub name, a
+file or a directory) it is every story of SRC, all its splits, tokenized with the checkpoint's
+tokenizer into a temporary file: no data dir is read or written.
 
     python -m slm.evaluate ckpt=PATH data.dir=DIR stories=50 [judge=URL_OR_DIR]
 
@@ -36,14 +37,14 @@ from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
 from slm import stories
-from slm.checkpoint import load_tokenizer
 from slm.config import compose
 from slm.data import FixedWindows, load_tokens
 from slm.errors import ConfigError, DataError, run_cli
 from slm.model import GPT
 from slm.precision import inference_autocast
-from slm.prepare import prepare, read_meta, tokenize
-from slm.sample import load_model, resolve_device
+from slm.prepare import prepare, read_meta, read_tokenizer, tokenize
+from slm.sample import load_model, load_tokenizer, resolve_device
+from slm.tokenizer import Tokenizer
 
 
 def bits_per_byte(loss: float, tokens: int, utf8_bytes: int) -> float:
@@ -82,31 +83,53 @@ def score(
     }
 
 
-def evaluate(model: GPT, data_dir: str | Path, batch_size: int = 32) -> dict:
-    """``score`` over all of ``data_dir``/val.bin."""
+def evaluate(
+    model: GPT, data_dir: str | Path, batch_size: int = 32, tokenizer: Tokenizer | None = None
+) -> dict:
+    """``score`` over all of ``data_dir``/val.bin, which must hold tokens of ``tokenizer``
+    (the model's; a one-line ``DataError`` where they are another's; not checked where None)."""
+    if tokenizer is not None:
+        check_tokenizer(data_dir, tokenizer)
     n = len(load_tokens(data_dir, "val"))  # checked against meta.json
     val = read_meta(data_dir)["splits"]["val"]
     path = Path(data_dir) / "val.bin"
     return score(model, path, n, val["bytes"], batch_size, str(path))
 
 
+def check_tokenizer(data_dir: str | Path, tokenizer: Tokenizer) -> None:
+    """A one-line ``DataError`` where ``data_dir`` holds no tokens of ``tokenizer``."""
+    meta = read_meta(data_dir)
+    if meta is None:
+        return  # prepared on demand, with it
+    held = read_tokenizer(data_dir, meta)
+    if not held.same_as(tokenizer):
+        raise DataError(
+            f"data.dir {data_dir} holds tokens of tokenizer {held.describe()}, but the checkpoint "
+            f"was trained with {tokenizer.describe()}; evaluate on a data.dir of its own "
+            "(another data.dir is prepared with its tokenizer), or on text=SRC"
+        )
+
+
 @contextlib.contextmanager
-def tokenized_text(source: str) -> Iterator[tuple[Path, dict]]:
-    """Every story of ``source`` (any ``data.source``) tokenized into a temporary file:
-    ``(path, {"tokens", "bytes", ...})``, deleted on leaving."""
+def tokenized_text(source: str, tokenizer: Tokenizer | None = None) -> Iterator[tuple[Path, dict]]:
+    """Every story of ``source`` (any ``data.source``) tokenized with ``tokenizer`` (the
+    model's; gpt2 where None) into a temporary file: ``(path, {"tokens", "bytes", ...})``,
+    deleted on leaving."""
     with tempfile.TemporaryDirectory(prefix="slm-evaluate-") as tmp:
         path = Path(tmp) / "text.bin"
         try:
-            stats = tokenize(source, path)
+            stats = tokenize(source, path, tokenizer)
         except DataError as e:  # load_source names the key it knows, data.source
             raise DataError(str(e).replace("data.source", "text", 1)) from e
         yield path, stats
 
 
-def evaluate_text(model: GPT, source: str, batch_size: int = 32) -> dict:
-    """``score`` over every story of ``source`` (any ``data.source``), tokenized into a
-    temporary file."""
-    with tokenized_text(source) as (path, stats):
+def evaluate_text(
+    model: GPT, source: str, batch_size: int = 32, tokenizer: Tokenizer | None = None
+) -> dict:
+    """``score`` over every story of ``source`` (any ``data.source``), tokenized with
+    ``tokenizer`` (the model's; gpt2 where None) into a temporary file."""
+    with tokenized_text(source, tokenizer) as (path, stats):
         return score(model, path, stats["tokens"], stats["bytes"], batch_size, f"text={source}")
 
 
@@ -119,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     stories.check(cfg)
     device = resolve_device(cfg.device)
     model = load_model(ckpt, device)  # a bad checkpoint fails before any tokenizing
-    tok = load_tokenizer(ckpt)
+    tok = load_tokenizer(ckpt)  # the one it was trained with
     out = Path(cfg.stories_out).expanduser() if cfg.stories_out else stories.completions_path(ckpt)
 
     def suite(path: Path) -> dict:
@@ -133,15 +156,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     d = cfg.data
     if cfg.text:
-        with tokenized_text(str(cfg.text)) as (path, stats):
+        with tokenized_text(str(cfg.text), tok) as (path, stats):
             name = f"text={cfg.text}"
             result = score(model, path, stats["tokens"], stats["bytes"], d.batch_size, name)
             if cfg.stories:
                 result["stories"] = suite(path)
     else:
+        if not d.overwrite:
+            check_tokenizer(d.dir, tok)  # before prepare's error, which knows no checkpoint
         # A no-op when already prepared.
-        prepare(d.source, d.dir, d.val_fraction, d.overwrite, d.get("max_stories"))
-        result = evaluate(model, d.dir, d.batch_size)
+        prepare(d.source, d.dir, d.val_fraction, d.overwrite, tok, d.get("max_stories"))
+        result = evaluate(model, d.dir, d.batch_size, tok)
         if cfg.stories:
             result["stories"] = suite(Path(d.dir).expanduser() / "val.bin")
     print(json.dumps(result))

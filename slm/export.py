@@ -4,9 +4,10 @@
 
 writes a directory that loads offline with ``AutoModelForCausalLM.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)``: the weights (safetensors), ``config.json``,
-``generation_config.json``, the GPT-2 tokenizer built from tiktoken's own ranks and a model
-card (``README.md``). ``python train.py init_from=DIR`` starts training from such a directory
-(``read_hf``; checkpoints load through ``slm.checkpoint``).
+``generation_config.json``, the checkpoint's tokenizer (gpt2: GPT-2's files built from
+tiktoken's own ranks; bpe: its ``tokenizer.json``, a fast tokenizer) and a model card
+(``README.md``). ``python train.py init_from=DIR`` starts training from such a directory, with
+its tokenizer (``read_hf``, ``read_hf_tokenizer``; checkpoints load through ``slm.checkpoint``).
 
 Each architecture goes to the ``transformers`` family that computes the same function:
 
@@ -17,7 +18,7 @@ Each architecture goes to the ``transformers`` family that computes the same fun
   before the rotation, as slm; OLMo 2 normalizes over all heads at once, another function).
 
 Every other combination (ReLU^2, RoPE with LayerNorm, ...) is refused, naming the knob.
-The vocab padding (50257 -> 50304 rows) is dropped on export and comes back as zero rows.
+The vocab padding (e.g. 50257 -> 50304 rows) is dropped on export and comes back as zero rows.
 Needs the ``hf`` extra: ``pip install -e ".[hf]"``.
 """
 
@@ -39,9 +40,10 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from slm import tokenizer
 from slm.errors import CheckpointError, ConfigError, SlmError, describe, first_line, run_cli
 from slm.model import GPTConfig
-from slm.tokenizer import EOT_ID, VOCAB_SIZE, save_hf_tokenizer
+from slm.tokenizer import EOT_ID, VOCAB_SIZE, BPETokenizer, Tokenizer, save_hf_tokenizer
 
 log = logging.getLogger(__name__)
 EPS = 1e-5  # slm's LayerNorm and RMSNorm eps (torch's LayerNorm default)
@@ -60,8 +62,6 @@ def hf_family(c: GPTConfig) -> str:
     def refuse(knob: str, why: str) -> ConfigError:
         return ConfigError(f"cannot export {knob}: {why}; exportable are {EXPORTABLE}")
 
-    if c.vocab_size != VOCAB_SIZE:
-        raise refuse(f"model.vocab_size={c.vocab_size}", "the exported tokenizer is GPT-2's")
     if c.mlp == "relu2":
         raise ConfigError(
             "cannot export model.mlp=relu2: no transformers family computes ReLU^2 MLPs; train "
@@ -87,7 +87,7 @@ def hf_family(c: GPTConfig) -> str:
 
 def hf_config(c: GPTConfig, family: str) -> dict:
     """The keyword arguments of the family's ``transformers`` config for ``c``."""
-    common = dict(vocab_size=c.vocab_size, bos_token_id=EOT_ID, eos_token_id=EOT_ID)
+    common = dict(vocab_size=c.vocab_size, bos_token_id=c.eot_id, eos_token_id=c.eot_id)
     common["tie_word_embeddings"] = c.tie_embeddings
     if family == "gpt2":
         return dict(
@@ -177,11 +177,19 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write the model in ``ckpt`` (``slm.pt`` or Lightning ``.ckpt``) as a ``transformers``
     directory ``out``. It is built in a temporary directory next to ``out`` and renamed at the
     end: on any error ``out`` is left as it was. A non-empty ``out`` needs ``overwrite``."""
-    from slm.checkpoint import load_model  # slm.checkpoint imports this module for read_hf
+    # slm.checkpoint imports this module for read_hf
+    from slm.checkpoint import load_model, load_tokenizer
 
     ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
     model = load_model(ckpt)  # CheckpointError: missing, foreign, truncated, inconsistent
-    family = hf_family(model.config)
+    tok = load_tokenizer(ckpt)
+    c = model.config
+    if (c.vocab_size, c.eot_id) != (tok.vocab_size, tok.eot_id):
+        raise CheckpointError(
+            f"{ckpt}: the model's vocab_size={c.vocab_size}, eot_id={c.eot_id} are not those of "
+            f"its tokenizer, {tok.describe()} ({tok.vocab_size}, {tok.eot_id})"
+        )
+    family = hf_family(c)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file; pass a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -197,7 +205,6 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
             "can write"
         ) from e
     try:
-        c = model.config
         config = transformers.AutoConfig.for_model(family, **hf_config(c, family))
         hf = transformers.AutoModelForCausalLM.from_config(config).eval()
         state = to_hf(c, model.state_dict(), family)
@@ -207,11 +214,14 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         hf.load_state_dict(state, strict=True)
         hf.save_pretrained(tmp)  # model.safetensors, config.json (tied lm_head saved once)
         transformers.GenerationConfig(
-            bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID
+            bos_token_id=c.eot_id, eos_token_id=c.eot_id, pad_token_id=c.eot_id
         ).save_pretrained(tmp)
-        save_hf_tokenizer(tmp, c.block_size)
+        if tok.name == tokenizer.NAME:
+            save_hf_tokenizer(tmp, c.block_size)  # vocab.json, merges.txt: GPT2Tokenizer's
+        else:
+            tok.save_hf(tmp, c.block_size)  # tokenizer.json: a fast tokenizer
         params = sum(p.numel() for p in hf.parameters())  # tied weights count once
-        (tmp / "README.md").write_text(model_card(ckpt, c, family, params, out.name))
+        (tmp / "README.md").write_text(model_card(ckpt, c, family, params, out.name, tok))
         umask = os.umask(0)
         os.umask(umask)
         for path in [tmp, *tmp.iterdir()]:  # mkdtemp and save_pretrained make them private
@@ -250,7 +260,9 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def model_card(ckpt: Path, c: GPTConfig, family: str, params: int, name: str) -> str:
+def model_card(
+    ckpt: Path, c: GPTConfig, family: str, params: int, name: str, tok: Tokenizer | None = None
+) -> str:
     """A README.md for the exported directory, from the run's ``metrics.json`` and Hydra
     config where they sit next to the checkpoint; "unknown" where they do not."""
     run = run_dir_of(ckpt.resolve())
@@ -279,6 +291,13 @@ def model_card(ckpt: Path, c: GPTConfig, family: str, params: int, name: str) ->
     bpb = None
     if best is not None and split and split.get("bytes"):
         bpb = best / math.log(2) * split["tokens"] / split["bytes"]
+    if tok is None or tok.name == tokenizer.NAME:
+        tok_line = f"GPT-2 BPE (tiktoken's gpt2 ranks); id {EOT_ID}, end of text, ends each story"
+    else:
+        tok_line = (
+            f"byte-level BPE fitted to the training data by slm (`tokenizer=bpe`), "
+            f"{tok.vocab_size:,} tokens; id {tok.eot_id}, end of text, ends each story"
+        )
     arch = (
         f"{c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, context {c.block_size} "
         f"tokens; positions={c.positions}, norm={c.norm}, mlp={c.mlp}, qk_norm={c.qk_norm}, "
@@ -299,7 +318,7 @@ A small GPT trained with slm, exported by `python -m slm.export` as `{FAMILIES[f
 | --- | --- |
 | architecture | {arch} |
 | parameters | {params:,} (embedding tied with lm_head: {c.tie_embeddings}) |
-| tokenizer | GPT-2 BPE (tiktoken's gpt2 ranks); id {EOT_ID}, end of text, ends each story |
+| tokenizer | {tok_line} |
 | training data | {data or "unknown"} |
 | tokens seen | {seen} |
 | val loss (best) | {fmt(best)} nats/token |
@@ -355,6 +374,24 @@ def is_hf_dir(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+def read_hf_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer of a ``transformers`` directory: its ``tokenizer.json``, a byte-level BPE
+    (what ``export`` writes for ``tokenizer=bpe``; one with GPT-2's own vocab is gpt2), else
+    gpt2 (GPT-2's ``vocab.json`` and ``merges.txt``, as ``export`` writes them for gpt2, or no
+    tokenizer files at all)."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return tokenizer.gpt2()
+    try:
+        tok = BPETokenizer.from_file(path)
+    except SlmError as e:
+        raise CheckpointError(str(e)) from e
+    gpt2_like = (tok.vocab_size, tok.eot_id) == (VOCAB_SIZE, EOT_ID)
+    if gpt2_like and tok._ranks == tokenizer.get_encoding()._mergeable_ranks:
+        return tokenizer.gpt2()
+    return tok
+
+
 def read_hf(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """The ``GPTConfig`` and slm state dict of a ``transformers`` directory of the families
     above (what ``export`` writes, or e.g. OpenAI's GPT-2). A setting slm does not compute
@@ -377,7 +414,8 @@ def read_hf(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
             )
         return value
 
-    need("vocab_size", (VOCAB_SIZE,))
+    tok = read_hf_tokenizer(d)
+    need("vocab_size", (tok.vocab_size,))
     if family == "gpt2":
         n_embd = hf.get("n_embd", 768)
         need("n_inner", (None, 4 * n_embd))
@@ -413,6 +451,7 @@ def read_hf(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
         intermediate = GPTConfig(**args).mlp_hidden
         need("intermediate_size", (intermediate,))
     args["tie_embeddings"] = bool(hf.get("tie_word_embeddings", args["tie_embeddings"]))
+    args.update(vocab_size=tok.vocab_size, eot_id=tok.eot_id)
     hf_state = _read_safetensors(d)
     if family == "gpt2":
         hf_state = {k: v for k, v in hf_state.items() if not MASKS.search(k)}

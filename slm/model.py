@@ -33,7 +33,7 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     block_size: int = 256
-    vocab_size: int = 50257  # GPT-2's; the embedding is padded up to a multiple of 64
+    vocab_size: int = 50257  # the tokenizer's (GPT-2's); the embedding is padded to x64
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm layers
     positions: str = "learned"  # "learned" (absolute, GPT-2) or "rope" (rotary)
@@ -42,6 +42,7 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention
     tie_embeddings: bool = True  # lm_head shares the token embedding's weights
     rope_theta: float = 10000.0  # RoPE base: the slowest pair turns once per ~2*pi*theta tokens
+    eot_id: int = 50256  # the tokenizer's <|endoftext|> (GPT-2's): ends and starts a story
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

@@ -13,6 +13,7 @@ from lightning.fabric.utilities.throughput import measure_flops
 from slm.model import GPT, GPTConfig
 from slm.optim import build_optimizer
 from slm.strategy import is_sharded
+from slm.tokenizer import Tokenizer, from_state
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class GPTModule(L.LightningModule):
         qk_norm: bool = False,
         tie_embeddings: bool = True,
         rope_theta: float = 10000.0,
+        eot_id: int = 50256,
         lr: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 200,
@@ -103,7 +105,7 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters(ignore=["compile"])
         self.config = GPTConfig(
             n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias,
-            positions, norm, mlp, qk_norm, tie_embeddings, rope_theta,
+            positions, norm, mlp, qk_norm, tie_embeddings, rope_theta, eot_id,
         )  # fmt: skip
         self.model = GPT(self.config)
         self.compile_mode = compile
@@ -111,6 +113,9 @@ class GPTModule(L.LightningModule):
         self._step_loss = None  # (sum, count) over the optimizer step's micro-batches
         self._val_sum: list[torch.Tensor] = []
         self.val_tokens_per_byte: float | None = None  # for val/bpb, from the data's meta.json
+        # The data's tokenizer (set in setup), stored in every checkpoint so that a checkpoint
+        # alone generates, evaluates and exports (slm.checkpoint.load_tokenizer).
+        self.tokenizer: Tokenizer | None = None
 
     def configure_model(self) -> None:
         # strategy=fsdp (slm.strategy.FSDP) shards the GPT here, where Lightning's
@@ -184,21 +189,28 @@ class GPTModule(L.LightningModule):
     def _zero_sum(self) -> torch.Tensor:
         return torch.zeros(2, device=self.device)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Sharded (fsdp) or not (one device, ddp): the optimizer state's layout, which a
-        # resume must share (slm.checkpoint.check_resume).
-        checkpoint["strategy"] = "fsdp" if is_sharded(self.model) else "ddp"
-
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         meta = getattr(datamodule, "meta", None)
         if meta:
             val = meta["splits"]["val"]
             self.val_tokens_per_byte = val["tokens"] / val["bytes"]
+        self.tokenizer = getattr(datamodule, "tokenizer", None) or self.tokenizer
         if stage == "fit" and datamodule is not None:
             # What SyncFreeThroughputMonitor turns into FLOPs/s and MFU.
             self.flops_per_batch = self.count_flops(datamodule.batch_size)
             self.val_flops_per_sample = self.count_flops(1, backward=False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.tokenizer is not None:
+            checkpoint["tokenizer"] = self.tokenizer.state()
+        # Sharded (fsdp) or not (one device, ddp): the optimizer state's layout, which a
+        # resume must share (slm.checkpoint.check_resume).
+        checkpoint["strategy"] = "fsdp" if is_sharded(self.model) else "ddp"
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.tokenizer is None:  # load_from_checkpoint: the one it was trained with
+            self.tokenizer = from_state(checkpoint.get("tokenizer"))
 
     def count_flops(self, batch_size: int, backward: bool = True) -> int:
         """FLOPs of the loss on a batch of ``batch_size`` windows, forward and backward (a

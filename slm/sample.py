@@ -1,10 +1,14 @@
 """Story generation from a trained GPT: logit filtering and a batched sampler with a key/value
 cache (checkpoints load through ``slm.checkpoint``).
 
-    model = load_model("outputs/run/slm.pt")
-    [ids] = generate(model, tokenizer.encode("Once upon a time"), 200, temperature=0.8,
+    model, tok = load_model("outputs/run/slm.pt"), load_tokenizer("outputs/run/slm.pt")
+    [ids] = generate(model, tok.encode("Once upon a time"), 200, temperature=0.8,
                      top_k=200, top_p=0.95, generator=torch.Generator().manual_seed(1337))
-    print(tokenizer.decode(ids))
+    print(tok.decode(ids))
+
+A story starts (from an empty prompt) and ends (``stop_token="eot"``, the default) at the
+model's own ``<|endoftext|>``, ``model.config.eot_id``: that of the tokenizer it was trained
+with (50256 for gpt2; a checkpoint stores it).
 
 The context window: while prompt + generated tokens fit in ``block_size``, the cache grows by
 one position per step. When the next token would not fit, the oldest half of the window is
@@ -41,11 +45,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from slm.checkpoint import load_checkpoint, load_model  # noqa: F401  (the public API here)
+from slm.checkpoint import (  # noqa: F401  (the public API here)
+    load_checkpoint,
+    load_model,
+    load_tokenizer,
+)
 from slm.errors import first_line
-from slm.model import GPT, KVCache
+from slm.model import GPT, GPTConfig, KVCache
 from slm.precision import inference_autocast
-from slm.tokenizer import EOT_ID
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -239,12 +246,25 @@ def warm_up(model: GPT, num_samples: int = 1) -> None:
     try:
         with autocast:
             cache = _static_cache(model, num_samples, device, dtype, compile=True)
-            tok = torch.full((num_samples,), EOT_ID, dtype=torch.long, device=device)
+            c = model.config  # any token compiles the step: the model's story start if it has one
+            start = c.eot_id if c.eot_id < c.vocab_size else 0
+            tok = torch.full((num_samples,), start, dtype=torch.long, device=device)
             pos = torch.zeros(1, dtype=torch.long, device=device)
             for _ in range(3):
                 _decode(model, step, tok, cache, pos)
     finally:
         model.train(was_training)
+
+
+def _start_token(config: GPTConfig) -> int:
+    """The model's ``<|endoftext|>``, which starts a story; a one-line ``ValueError`` for a
+    model whose vocab does not hold it."""
+    if not 0 <= config.eot_id < config.vocab_size:
+        raise ValueError(
+            f"the model's eot_id={config.eot_id} is not in its vocab of {config.vocab_size} "
+            "tokens, so it cannot start a story; give a prompt"
+        )
+    return config.eot_id
 
 
 def slide(window: torch.Tensor, tok: torch.Tensor, block_size: int) -> tuple[torch.Tensor, bool]:
@@ -257,9 +277,10 @@ def slide(window: torch.Tensor, tok: torch.Tensor, block_size: int) -> tuple[tor
     return window[:, -max(1, block_size // 2) :], True
 
 
-def _prompt_tensor(prompt, num_samples: int, block_size: int, device) -> torch.Tensor:
+def _prompt_tensor(prompt, num_samples: int, config: GPTConfig, device) -> torch.Tensor:
     """(N, T) prompt ids, T <= block_size: empty -> [EOT] (a story start); too long -> its
     last ``block_size`` tokens, with a warning."""
+    block_size = config.block_size
     idx = torch.as_tensor(prompt, dtype=torch.long).to(device)
     if idx.dim() == 1:
         idx = idx.unsqueeze(0)
@@ -270,7 +291,7 @@ def _prompt_tensor(prompt, num_samples: int, block_size: int, device) -> torch.T
     elif num_samples not in (1, idx.size(0)):
         raise ValueError(f"num_samples={num_samples} but the prompt tensor has {idx.size(0)} rows")
     if idx.size(1) == 0:
-        idx = torch.full((idx.size(0), 1), EOT_ID, dtype=torch.long, device=device)
+        idx = torch.full((idx.size(0), 1), _start_token(config), dtype=torch.long, device=device)
     if idx.size(1) > block_size:
         warnings.warn(
             f"the prompt has {idx.size(1)} tokens, more than block_size={block_size}: "
@@ -293,15 +314,16 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     on_token: Callable[[int, int], None] | None = None,
-    stop_token: int | None = EOT_ID,
+    stop_token: int | str | None = "eot",
     compile: bool = False,
 ) -> list[list[int]]:
     """The new token ids of ``num_samples`` continuations of ``prompt``, sampled as one batch.
 
-    ``prompt``: token ids (empty = start a story from ``<|endoftext|>``), or an (N, T) tensor
-    of N prompts (one sample each). ``temperature == 0`` is greedy; otherwise tokens are drawn
-    with ``torch.multinomial`` from ``filter_logits(...)`` using ``generator`` (seed it for
-    reproducible samples). A sample ends at ``stop_token`` (not included in its ids; None =
+    ``prompt``: token ids (empty = start a story from the model's ``<|endoftext|>``,
+    ``model.config.eot_id``), or an (N, T) tensor of N prompts (one sample each).
+    ``temperature == 0`` is greedy; otherwise tokens are drawn with ``torch.multinomial`` from
+    ``filter_logits(...)`` using ``generator`` (seed it for reproducible samples). A sample
+    ends at ``stop_token`` (not included in its ids; ``"eot"``: the model's ``eot_id``; None =
     never) or after ``max_new_tokens``; the batch stops when every sample has ended.
     ``on_token(sample_index, token_id)`` is called for each new token as it is produced.
     ``use_cache=False`` recomputes the whole context window every step (the reference).
@@ -310,11 +332,18 @@ def generate(
     The model is run in eval mode under ``torch.inference_mode`` (its mode is restored)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
     config = model.config
-    if EOT_ID >= config.vocab_size:
-        raise ValueError(f"the model's vocab_size={config.vocab_size} lacks the GPT-2 EOT token")
+    if stop_token == "eot":  # never met where the vocab lacks it (a toy model's)
+        stop_token = config.eot_id if config.eot_id < config.vocab_size else None
+    if stop_token is not None and (
+        not isinstance(stop_token, int) or not 0 <= stop_token < config.vocab_size
+    ):
+        raise ValueError(
+            f"stop_token={stop_token} is not a token of the model's vocab of {config.vocab_size}; "
+            "pass the tokenizer's eot_id, \"eot\" (the model's) or None"
+        )
     device = next(model.parameters()).device
     block = config.block_size
-    window = _prompt_tensor(prompt, num_samples, block, device)
+    window = _prompt_tensor(prompt, num_samples, config, device)
     n = window.size(0)
     out: list[list[int]] = [[] for _ in range(n)]
     if max_new_tokens == 0:

@@ -25,9 +25,9 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from slm import stories, tokenizer
+from slm import stories
 from slm.callbacks import (
     RunHistory,
     SampleStories,
@@ -44,13 +44,16 @@ from slm.checkpoint import (
     is_sharded_checkpoint,
     load_checkpoint,
     load_model,
+    load_tokenizer,
     read,
 )
-from slm.config import model_overrides, resolve_hardware, validate
+from slm.config import command_line, model_overrides, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
+from slm.model import GPT
 from slm.module import GPTModule
 from slm.precision import trainer_precision
+from slm.prepare import prepare, read_tokenizer
 from slm.rundir import run_dir_lock
 from slm.strategy import (
     agree_on_start,
@@ -61,6 +64,7 @@ from slm.strategy import (
     world_size,
 )
 from slm.sweep import FailedJob
+from slm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 # Training FLOPs above which a run on a CPU takes more than about an hour (2 cores do some
@@ -134,8 +138,52 @@ def build_module(cfg: DictConfig) -> GPTModule:
     return GPTModule(**module_args(cfg))
 
 
-def build_datamodule(cfg: DictConfig) -> TokenDataModule:
-    return TokenDataModule(**cfg.data, block_size=cfg.model.block_size, seed=cfg.seed)
+def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> TokenDataModule:
+    """The data of ``cfg``, made with ``tokenizer`` (``prepare_data``'s), else as the
+    ``tokenizer`` config says."""
+    request = tokenizer or cfg.get("tokenizer")
+    return TokenDataModule(
+        **cfg.data, block_size=cfg.model.block_size, seed=cfg.seed, tokenizer=request
+    )
+
+
+def prepare_data(cfg: DictConfig) -> Tokenizer:
+    """Prepare ``data.dir`` before the model is built, since the model's ``vocab_size`` (and
+    ``eot_id``) come from the data's tokenizer, not from the model preset: ``init_from``'s
+    tokenizer where it is set, else the ``tokenizer`` config (gpt2, or a BPE trained here).
+    Sets ``cfg.model.vocab_size`` and ``cfg.model.eot_id``; returns the tokenizer."""
+    d, request = cfg.data, cfg.tokenizer
+    if cfg.get("init_from"):
+        request = load_tokenizer(Path(str(cfg.init_from)).expanduser())
+        asked = command_line("tokenizer")
+        if asked and not _same_request(cfg.tokenizer, request):
+            raise ConfigError(
+                f"init_from={cfg.init_from} fixes the tokenizer ({request.describe()}), but "
+                f"{' '.join(asked)} asks for another; drop the override"
+            )
+    # data.overwrite: once per node (as Lightning's prepare_data), not by every process of a
+    # multi-process launch, each of which comes here; the others find the dir prepared.
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    overwrite = d.overwrite and local_rank == 0
+    meta = prepare(d.source, d.dir, d.val_fraction, overwrite, request, d.get("max_stories"))
+    tok = read_tokenizer(d.dir, meta)
+    for key, value in (("vocab_size", tok.vocab_size), ("eot_id", tok.eot_id)):
+        if cfg.model.get(key) not in (None, value):
+            raise ConfigError(
+                f"model.{key}={cfg.model[key]}, but the data's tokenizer ({tok.describe()}) has "
+                f"{key}={value}: the model's vocab comes from the data; drop model.{key} "
+                "(tokenizer.vocab_size sets a BPE's size)"
+            )
+    with open_dict(cfg):
+        cfg.model.vocab_size, cfg.model.eot_id = tok.vocab_size, tok.eot_id
+        cfg.data.overwrite = False  # done: the DataModule finds the dir prepared
+    return tok
+
+
+def _same_request(config, tok: Tokenizer) -> bool:
+    if config.get("name") != tok.name:
+        return False
+    return config.get("name") != "bpe" or config.get("vocab_size") == tok.vocab_size
 
 
 def main(cfg: DictConfig) -> float:
@@ -167,10 +215,11 @@ def _in_multirun() -> bool:
         return False
 
 
-def check_start(cfg: DictConfig) -> tuple[object, Path, str | None]:
+def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | None]:
     """Every check before training, each a one-line ``SlmError``: the config (filled in where
-    it says ``auto``), ``init_from``, the checkpoint to resume. Returns the ``init_from``
-    model (or None), the run dir and the checkpoint path (or None)."""
+    it says ``auto``), ``init_from``, the data (prepared if missing), the checkpoint to
+    resume. Returns the ``init_from`` model (or None), the data's tokenizer, the run dir and
+    the checkpoint path (or None)."""
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
@@ -187,12 +236,14 @@ def check_start(cfg: DictConfig) -> tuple[object, Path, str | None]:
         )
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    tok = prepare_data(cfg)  # sets model.vocab_size: before the checkpoint's model is checked
     if ckpt_path:
         check_resume(
-            ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False), cfg.strategy.name
-        )
+            ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False), tok,
+            strategy=cfg.strategy.name,
+        )  # fmt: skip
         check_resume_data(ckpt_path, cfg.data.dir, cfg.get("allow_data_change", False))
-    return init, run_dir, ckpt_path
+    return init, tok, run_dir, ckpt_path
 
 
 def train(cfg: DictConfig) -> float:
@@ -202,7 +253,7 @@ def train(cfg: DictConfig) -> float:
         try:
             start = check_start(cfg)
             # the run dir is this run's from here on (held by rank 0): a start check too
-            stack.enter_context(run_dir_lock(start[1]))
+            stack.enter_context(run_dir_lock(start[2]))
         except SlmError as e:
             error = e
         agree_on_start(cfg, error)  # under torchrun or srun: every rank stops if one failed
@@ -210,13 +261,17 @@ def train(cfg: DictConfig) -> float:
 
 
 def _fit(
-    cfg: DictConfig, init: torch.nn.Module | None, run_dir: Path, ckpt_path: str | None
+    cfg: DictConfig,
+    init: torch.nn.Module | None,
+    tok: Tokenizer,
+    run_dir: Path,
+    ckpt_path: str | None,
 ) -> float:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and later
 
-    datamodule = build_datamodule(cfg)
+    datamodule = build_datamodule(cfg, tok)
     module = build_module(cfg)
     if init is not None and not ckpt_path:  # a resume restores its own weights
         module.model.load_state_dict(init.state_dict())  # the optimizer starts fresh
@@ -310,7 +365,7 @@ def story_suite(cfg: DictConfig, run_dir: Path, val_bin: Path, trainer: L.Traine
     ckpt = run_dir / "slm.pt"
     if not ckpt.exists():
         return
-    tok = tokenizer.gpt2()  # the training data's tokenizer
+    tok = load_tokenizer(ckpt)  # the training data's, which slm.pt embeds
     device = trainer.strategy.root_device
     log.info("story suite: %d openings of %s, completed by %s", cfg.stories, val_bin, ckpt)
     try:
@@ -404,15 +459,16 @@ def write_outputs(
         if has_best:
             _, state = load_checkpoint(best_path)
             best_step = read(best_path)["global_step"]
+        written = ["loss.png"]
         if state is not None:
-            save_atomic(
-                {"model_args": module.config.to_dict(), "model": state, "step": best_step},
-                run_dir / "slm.pt",
-            )
+            pt = {"model_args": module.config.to_dict(), "model": state, "step": best_step}
+            if module.tokenizer is not None:  # generate, evaluate and export need nothing else
+                pt["tokenizer"] = module.tokenizer.state()
+            save_atomic(pt, run_dir / "slm.pt")
+            written.insert(0, "slm.pt")
         else:
             log.warning("no slm.pt: the sharded run failed on one rank before its first checkpoint")
         plot_losses(history, run_dir / "loss.png")
-        written = ["slm.pt", "loss.png"]
     else:
         written = []
     vals = [v for _, v in history.val]

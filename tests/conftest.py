@@ -138,3 +138,29 @@ def make_stories(n: int, seed: int = 0, words: tuple[int, int] = (20, 80)) -> li
 def small_txt(tmp_path: Path) -> Path:
     """A 300-story TinyStories-format file written by the test."""
     return write_txt(tmp_path / "src" / "stories.txt", make_stories(300))
+
+
+# model=tiny tokenizer=bpe on the real V2 piece (its BPE fitted there), at a constant lr
+# (min_lr = lr, no warmup): a run cut at any step and resumed with more steps is the run.
+BPE_ARGS = [
+    "tokenizer=bpe",
+    "data.val_fraction=0.05",
+    "val_every_n_steps=6",
+    "optim.warmup_steps=0",
+    "optim.min_lr=3e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def bpe_run(tmp_path_factory, v2_txt) -> tuple[Path, Path]:
+    """(run dir, data dir) of a 12-step ``model=tiny tokenizer=bpe`` fit on the V2 piece,
+    shared by the train, generate, export and evaluate tests."""
+    from test_train import tiny_cfg
+
+    from slm.train import train
+
+    d = tmp_path_factory.mktemp("bpe-run")
+    train(
+        tiny_cfg(d / "data", d / "run", f"data.source={v2_txt}", *BPE_ARGS, "trainer.max_steps=12")
+    )
+    return d / "run", d / "data"

@@ -12,6 +12,7 @@ import pytest
 import tiktoken
 import torch
 
+from slm import tokenizer
 from slm.errors import DataError
 from slm.evaluate import bits_per_byte, evaluate, main
 from slm.model import GPT, GPTConfig
@@ -134,3 +135,46 @@ def test_data_dir_alone_and_the_fix_for_a_truncated_bin(setup, tmp_path, capsys)
     command = re.search(r"`python -m slm\.prepare ([^`]*)`", str(e.value))[1]
     prepare_main(shlex.split(command))  # the source and val_fraction it was prepared with
     assert main(args) == expected
+
+
+# -- tokenizer=bpe ---------------------------------------------------------------------------
+
+
+def test_a_bpe_checkpoint_scores_text_with_its_own_tokenizer(bpe_run, setup, capsys):
+    """text=: the stories are tokenized with the checkpoint's BPE, and bits per byte are the
+    loss over those tokens per UTF-8 byte of the stories: exact, whatever the tokenizer."""
+    from slm.checkpoint import load_model, load_tokenizer
+
+    d, src, _ = setup
+    pt = bpe_run[0] / "slm.pt"
+    model, tok = load_model(pt), load_tokenizer(pt)
+    stories = [f"Anna had {n} red apples. She gave one to Sam. The end." for n in range(120)]
+    tokens = tok.encode_stories(stories).astype(np.int64)
+    T, n_windows = 64, (len(tokens) - 1) // 64
+    x = torch.from_numpy(tokens[: n_windows * T]).view(n_windows, T)
+    y = torch.from_numpy(tokens[1 : n_windows * T + 1]).view(n_windows, T)
+    with torch.no_grad():
+        _, expected = model(x, y)
+    utf8_bytes = sum(len(s.encode()) for s in stories)
+    result = main([f"ckpt={pt}", f"text={src}", "device=cpu"])
+    assert result["tokens"] == n_windows * T
+    assert result["val_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert result["val_bpb"] == pytest.approx(
+        expected.item() / math.log(2) * len(tokens) / utf8_bytes, rel=1e-5
+    )
+
+
+def test_a_data_dir_of_another_tokenizer_is_a_one_line_error(bpe_run, setup):
+    d, _, model = setup
+    pt = bpe_run[0] / "slm.pt"
+    with pytest.raises(DataError) as e:
+        main([f"ckpt={pt}", f"data.dir={d / 'data'}", "device=cpu"])  # a gpt2 data dir
+    assert str(e.value).startswith(
+        f"data.dir {d / 'data'} holds tokens of tokenizer gpt2, but the checkpoint was trained "
+        "with bpe (4,096 tokens, sha256 "
+    )
+    assert "\n" not in str(e.value) and "text=SRC" in str(e.value)
+    with pytest.raises(DataError, match=r"holds tokens of tokenizer bpe \(4,096 tokens"):
+        evaluate(model, bpe_run[1], tokenizer=tokenizer.gpt2())  # a gpt2 model, a bpe dir
+    result = main([f"ckpt={pt}", f"data.dir={bpe_run[1]}", "device=cpu"])  # its own
+    assert result["tokens"] > 0

@@ -432,3 +432,71 @@ def test_read_hf_refuses_what_slm_does_not_compute(exported, tmp_path):
     (d / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
     with pytest.raises(CheckpointError, match=r"model_type='bert'; slm reads gpt2, llama, qwen3"):
         load_model(d)
+
+
+# -- tokenizer=bpe ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe_export(bpe_run, tmp_path_factory) -> Path:
+    return ex.export(bpe_run[0] / "slm.pt", tmp_path_factory.mktemp("bpe-export") / "hf")
+
+
+def test_bpe_export_tokenizes_and_computes_as_slm(bpe_run, bpe_export, v1_txt, v2_txt):
+    """The checkpoint's own BPE, as a fast tokenizer that AutoTokenizer reads: the same ids
+    as slm on real text (an <|endoftext|> in the text is the EOT token, as for gpt2), the same
+    text back, the EOT as bos/eos; the model has the BPE's vocab and computes slm's logits."""
+    from slm.checkpoint import load_tokenizer
+
+    out = bpe_export
+    tok = load_tokenizer(bpe_run[0] / "slm.pt")
+    assert (out / "tokenizer.json").read_bytes() == (bpe_run[1] / "tokenizer.json").read_bytes()
+    assert not (out / "vocab.json").exists()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for piece in (v1_txt, v2_txt):
+        text = piece.read_text(encoding="utf-8")
+        parts = text.split(EOT)
+        expected = [t for p in parts[:-1] for t in [*tok.encode(p), tok.eot_id]]
+        ids = hf_tok(text)["input_ids"]
+        assert ids == expected + tok.encode(parts[-1])
+        assert ids.count(tok.eot_id) == len(parts) - 1 > 1000
+        assert hf_tok.decode(ids) == text
+    assert hf_tok.eos_token_id == hf_tok.bos_token_id == tok.eot_id == 0
+    assert len(hf_tok) == tok.vocab_size == 4096
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == generation["bos_token_id"] == 0
+    assert "byte-level BPE fitted to the training data" in (out / "README.md").read_text()
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.vocab_size == 4096
+    ids = torch.tensor(tok.encode(parts[1])[:64]).view(1, -1)
+    with torch.no_grad():
+        ours = load_model(bpe_run[0] / "slm.pt")(ids)[0]
+        torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_init_from_a_bpe_export_takes_its_tokenizer(
+    bpe_run, bpe_export, v2_txt, tmp_path, monkeypatch
+):
+    """A new data dir is tokenized with the export's BPE (not gpt2, not a new one): the same
+    bins as the run it came from, and the model's vocab and EOT are the BPE's. Asking for
+    another tokenizer on the command line is a one-line error."""
+    from slm import train as train_module
+
+    args = ["model=tiny", f"init_from={bpe_export}", f"data.source={v2_txt}",
+            "data.val_fraction=0.05", f"data.dir={tmp_path / 'data'}"]  # fmt: skip
+    cfg = compose("train", args)
+    apply_init_from(cfg, {})
+    tok = train_module.prepare_data(cfg)
+    assert tok.json == (bpe_export / "tokenizer.json").read_text(encoding="utf-8")
+    assert (cfg.model.vocab_size, cfg.model.eot_id) == (4096, 0)
+    for name in ("tokenizer.json", "train.bin", "val.bin"):
+        assert (tmp_path / "data" / name).read_bytes() == (bpe_run[1] / name).read_bytes()
+
+    monkeypatch.setattr(train_module, "command_line", lambda group: ["tokenizer=gpt2"])
+    with pytest.raises(ConfigError) as e:
+        train_module.prepare_data(compose("train", args))
+    assert str(e.value) == (
+        f"init_from={bpe_export} fixes the tokenizer ({tok.describe()}), but tokenizer=gpt2 "
+        "asks for another; drop the override"
+    )

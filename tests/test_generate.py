@@ -353,20 +353,22 @@ def test_stops_at_eot(trained):
 
 
 class Scripted(torch.nn.Module):
-    """A stand-in model: sample i greedily emits ``scripts[i]``, then EOT."""
+    """A stand-in model: sample i greedily emits ``scripts[i]``, then its EOT."""
 
-    def __init__(self, scripts: list[list[int]]) -> None:
+    def __init__(self, scripts: list[list[int]], **config) -> None:
         super().__init__()
-        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64)
+        self.config = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=64, **config)
         self.unused = torch.nn.Parameter(torch.zeros(1))
         self.scripts, self.inputs = scripts, []
 
     def forward(self, idx, targets=None, cache=None, last_only=False):
         step = len(self.inputs)
         self.inputs.append(idx.tolist())
-        logits = torch.zeros(idx.size(0), 1, self.config.vocab_size)
+        c = self.config
+        logits = torch.zeros(idx.size(0), 1, c.vocab_size)
+        end = c.eot_id if c.eot_id < c.vocab_size else 0
         for i, s in enumerate(self.scripts):
-            logits[i, 0, s[step] if step < len(s) else EOT_ID] = 1.0
+            logits[i, 0, s[step] if step < len(s) else end] = 1.0
         if cache is not None:
             cache.pos += idx.size(1)
         return logits, None
@@ -384,6 +386,22 @@ def test_batch_stops_when_every_sample_has_ended():
     assert model.inputs[2] == [[2], [EOT_ID], [6]]  # an ended sample is fed on, not emitted
     assert streamed[:4] == [(0, 1), (1, 4), (2, 5), (0, 2)]
     assert sorted(streamed) == sorted((i, t) for i, s in enumerate(out) for t in s)
+
+
+def test_a_model_of_another_tokenizer_starts_and_stops_at_its_own_eot():
+    """A bpe model (vocab 512, <|endoftext|> id 0): an empty prompt starts from its EOT and a
+    story ends there, not at GPT-2's 50256, which is no token of it."""
+    model = Scripted([[1, 2, 3], [4]], vocab_size=512, eot_id=0)
+    assert generate(model, [], 100, temperature=0, num_samples=2) == [[1, 2, 3], [4]]
+    assert model.inputs[0] == [[0], [0]] and len(model.inputs) == 4
+    assert generate(Scripted([[7, 0, 8]], vocab_size=512, eot_id=0), [5], 9, stop_token=None,
+                    temperature=0)[0][:3] == [7, 0, 8]  # fmt: skip
+    with pytest.raises(ValueError, match=r"stop_token=50256 is not a token of the model's vocab"):
+        generate(model, [5], 3, stop_token=50256)
+    toy = Scripted([[1]], vocab_size=256)  # eot_id 50256 (GPT-2's) outside a 256-token vocab
+    assert generate(toy, [5], 3, temperature=0) == [[1, 0, 0]]  # "eot": never met
+    with pytest.raises(ValueError, match=r"eot_id=50256 is not in its vocab of 256 .* a prompt"):
+        generate(toy, [], 3)
 
 
 def test_empty_prompt_starts_from_eot(trained):
@@ -631,6 +649,7 @@ def test_cli_streams_multibyte_characters(monkeypatch, capsys):
     cli = _cli()
     written = []
     monkeypatch.setattr(cli, "load_model", lambda path, device: Scripted([ids]))
+    monkeypatch.setattr(cli, "load_tokenizer", lambda path: tokenizer.gpt2())
     monkeypatch.setattr(sys.stdout, "write", lambda s: written.append(s) or len(s))
     cfg = compose("generate", ["ckpt=any.pt", "prompt=Look:", "num_samples=1", "temperature=0"])
     assert cli.run(cfg) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
@@ -19,6 +20,7 @@ from conftest import EOT, REPO, make_stories, parse_stories, write_txt
 
 from slm import prepare as P
 from slm import tokenizer
+from slm.errors import ConfigError
 from slm.prepare import DataError, prepare
 
 ENC = tiktoken.get_encoding("gpt2")
@@ -912,3 +914,106 @@ def test_cli_without_the_bpe_files_offline_is_a_one_line_error(small_txt, tmp_pa
     assert "run `python -m slm.tokenizer seed --from FOLDER` (see Offline in the README)" in line
     assert "shared" not in line  # nothing a user has not got
     assert leftovers(out) == []
+
+
+# ----------------------------------------------------------------------------- tokenizer=bpe
+
+
+def bpe_config(vocab_size: int = 512, train_bytes: int = 10**8) -> dict:
+    return {"name": "bpe", "vocab_size": vocab_size, "train_bytes": train_bytes}
+
+
+def test_bpe_prepare_writes_its_tokenizer_and_bins(small_txt, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    meta = P.main([f"data.source={small_txt}", f"data.dir={out}", "tokenizer=bpe",
+                   "tokenizer.vocab_size=512"])  # fmt: skip
+    assert snapshot(out).keys() == {"meta.json", "train.bin", "val.bin", "tokenizer.json"}
+    tok = tokenizer.BPETokenizer.from_file(out / "tokenizer.json")
+    raw = (out / "tokenizer.json").read_bytes()
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("bpe", 512, tok.eot_id)
+    assert meta["tokenizer_sha256"] == hashlib.sha256(raw).hexdigest() == tok.sha256
+    stories = make_stories(300)
+    mask = held_out(300, 0.01)
+    train = tok.encode_stories([s for s, v in zip(stories, mask) if not v])
+    val = tok.encode_stories([s for s, v in zip(stories, mask) if v])
+    assert_bins(out, train.tolist(), val.tolist())  # an EOT at every story's end
+    train_bytes = sum(len(s.encode()) for s, v in zip(stories, mask) if not v)
+    assert meta["tokenizer_training"] == {"vocab_size": 512, "train_bytes": 10**8,
+                                          "stories": 297, "bytes": train_bytes}  # fmt: skip
+
+    before = snapshot(out)  # the same settings again: nothing trained, nothing written
+    monkeypatch.setattr(P, "load_source", lambda *a, **k: pytest.fail("prepared again"))
+    assert prepare(str(small_txt), out, tokenizer=bpe_config()) == meta
+    assert prepare(None, out, tokenizer=tok) == meta  # the same tokenizer, given as it is
+    assert snapshot(out) == before
+
+    bad = np.fromfile(out / "val.bin", dtype=np.uint16)
+    bad[3] = 600  # a gpt2 id, but none of this 512-token BPE
+    bad.tofile(out / "val.bin")
+    from slm.data import load_tokens
+
+    with pytest.raises(
+        DataError, match=r"val\.bin holds token id 600, beyond the bpe vocab of 512"
+    ):
+        load_tokens(out, "val")
+
+
+def test_bpe_learns_from_the_train_split_only_up_to_train_bytes(tmp_path):
+    """A word only in the held-out val stories, or only after the first train_bytes of the
+    train split, is never learned (were it, 200 repeats would make it one token)."""
+    stories = make_stories(300)
+    secret = " Zyxwvutsrq" * 200
+    stories[99] += secret  # 100th story: held out with val_fraction=0.01
+    stories[250] += secret.replace("Z", "Q")  # after the cap below
+    src = write_txt(tmp_path / "s.txt", stories)
+    cap = sum(len(s.encode()) for i, s in enumerate(stories[:200]) if i != 99)  # 0..199
+    meta = prepare(str(src), tmp_path / "a", tokenizer=bpe_config(train_bytes=cap))
+    tok = tokenizer.BPETokenizer.from_file(tmp_path / "a" / "tokenizer.json")
+    assert meta["tokenizer_training"]["stories"] == 199  # 200 less the held-out one
+    assert len(tok.encode(" Zyxwvutsrq")) > 3 and len(tok.encode(" Qyxwvutsrq")) > 3
+
+    # The control: the same word in the train split, within the cap, becomes one token.
+    prepare(str(src), tmp_path / "b", val_fraction=0.015, tokenizer=bpe_config())  # 99 in train
+    tok = tokenizer.BPETokenizer.from_file(tmp_path / "b" / "tokenizer.json")
+    assert len(tok.encode(" Zyxwvutsrq")) == 1 == len(tok.encode(" Qyxwvutsrq"))
+
+    with pytest.raises(DataError, match=r"tokenizer\.train_bytes=10 is less than the first"):
+        prepare(str(src), tmp_path / "c", tokenizer=bpe_config(train_bytes=10))
+    assert leftovers(tmp_path / "c") == []
+
+
+def test_data_dir_of_another_tokenizer_is_an_error_with_the_fix(small_txt, tmp_path, capsys):
+    out = tmp_path / "out"
+    prepare(str(small_txt), out)  # gpt2
+    before = snapshot(out)
+    with pytest.raises(DataError) as e:
+        prepare(str(small_txt), out, tokenizer=bpe_config())
+    assert_one_line(e)
+    assert "(gpt2, val_fraction=0.01), not of" in str(e.value)
+    assert "(bpe vocab_size=512 train_bytes=100000000, val_fraction=0.01)" in str(e.value)
+    assert "pass tokenizer=gpt2 to use them, or prepare it again with `" in str(e.value)
+    assert snapshot(out) == before
+    assert "wrote" in follow(e, capsys)  # the command prepares it with the BPE asked for
+    meta = prepare(str(small_txt), out, tokenizer=bpe_config())
+    assert (meta["tokenizer"], meta["vocab_size"]) == ("bpe", 512)
+
+    for other in (None, bpe_config(1024)):  # back to gpt2, or another BPE: the same error
+        with pytest.raises(DataError, match=r"pass tokenizer=bpe tokenizer\.vocab_size=512 "):
+            prepare(str(small_txt), out, tokenizer=other)
+        assert_one_line(e)
+
+    (out / "tokenizer.json").write_text("{}")  # not the one meta.json records
+    with pytest.raises(DataError, match=r"tokenizer\.json is not the one meta\.json records") as e:
+        prepare(None, out, tokenizer=bpe_config())
+    assert "wrote" in follow(e, capsys)
+    assert prepare(None, out, tokenizer=bpe_config()) == meta  # the same file again
+
+
+def test_oversized_bpe_vocab_is_a_one_line_error(small_txt, tmp_path):
+    out = tmp_path / "out"
+    args = [f"data.source={small_txt}", f"data.dir={out}", "tokenizer=bpe"]
+    fits = r"^tokenizer\.vocab_size=65,537 does not fit the uint16 bins \(ids up to 65,535\)"
+    with pytest.raises(ConfigError, match=fits + "; choose at most 65,536$") as e:
+        P.main([*args, "tokenizer.vocab_size=65537"])
+    assert_one_line(e)
+    assert not out.exists()

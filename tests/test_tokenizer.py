@@ -1,7 +1,9 @@
-"""slm.tokenizer: gpt2 through tiktoken, one EOT after every story."""
+"""slm.tokenizer: gpt2 through tiktoken, and a BPE fitted to the data (tokenizer=bpe); one EOT
+after every story."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
+from conftest import parse_stories
 
 from slm import tokenizer
 from slm.errors import SlmError
@@ -117,7 +120,9 @@ def test_no_bpe_files_offline_is_a_one_line_error(offline_tiktoken):
     )
 
 
-def test_tokenizer_object_is_the_gpt2_encoding():
+def test_tokenizer_object_is_the_gpt2_encoding(tmp_path):
+    import torch
+
     from slm.checkpoint import load_tokenizer
 
     tok = tokenizer.gpt2()
@@ -125,8 +130,131 @@ def test_tokenizer_object_is_the_gpt2_encoding():
     ids = tok.encode(text)
     assert ids == tokenizer.encode(text) and tok.decode(ids) == text
     assert b"".join(tok.token_bytes(t) for t in ids).decode() == text
-    assert (tok.name, tok.vocab_size, tok.eot_id) == ("gpt2", 50257, 50256)
-    assert load_tokenizer("any.pt") is tok  # checkpoints without an embedded tokenizer: gpt2
+    assert (tok.name, tok.vocab_size, tok.eot_id, tok.sha256) == ("gpt2", 50257, 50256, None)
+    old = tmp_path / "slm.pt"  # a checkpoint from before tokenizers were stored: gpt2
+    torch.save({"model_args": {"n_layer": 1}, "model": {"w": torch.zeros(1)}}, old)
+    assert load_tokenizer(old) is tok
+    assert tokenizer.from_state(tok.state()) is tok
+
+
+# -- tokenizer=bpe -------------------------------------------------------------------------
+
+
+def batches(stories: list[str], size: int = 256) -> list[list[str]]:
+    return [stories[i : i + size] for i in range(0, len(stories), size)]
+
+
+@pytest.fixture(scope="module")
+def v2_stories(v2_txt) -> list[str]:
+    return parse_stories(v2_txt.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def bpe(v2_stories) -> tokenizer.BPETokenizer:
+    """A 4,096-token BPE fitted to the V2 piece."""
+    return tokenizer.train_bpe(batches(v2_stories), 4096)
+
+
+def assert_exact(tok, stories: list[str]) -> None:
+    """Each story's ids decode to it byte for byte and are those of one EOT-terminated
+    batch encode, with the EOT id exactly at the story ends."""
+    ids = tok.encode_stories(stories)
+    ends = np.flatnonzero(ids == tok.eot_id)
+    assert len(ends) == len(stories)
+    pieces = np.split(ids, ends + 1)[:-1]
+    for story, piece in zip(stories, pieces):
+        assert piece[-1] == tok.eot_id
+        body = piece[:-1].tolist()
+        assert body == tok.encode(story)
+        assert tok.decode(body) == story
+        assert b"".join(tok.token_bytes(t) for t in body) == story.encode("utf-8")
+
+
+def test_bpe_round_trip_is_byte_exact_on_real_text(bpe, v2_stories, v1_txt):
+    v1 = parse_stories(v1_txt.read_text(encoding="utf-8"))  # not trained on: held-out text
+    assert all(any(q in s for s in v1) for q in "“’«ñ…")  # curly quotes, Spanish, ellipses
+    for stories in (v1, v2_stories):
+        assert_exact(bpe, stories)
+    assert bpe.vocab_size == 4096 and bpe.eot_id == 0
+    assert bpe.token_bytes(bpe.eot_id) == b"<|endoftext|>"
+
+
+def test_bpe_round_trip_of_odd_text(bpe):
+    assert_exact(bpe, STORIES)  # emoji, CJK, tabs, CRLF; the marker text in a story
+    # The Hugging Face copy's mojibake (UTF-8 read as cp1252), and emoji it never saw.
+    assert_exact(bpe, ["Lily said, â€œHi!â€\x9d and smiled.", "Tom ðŸ˜Š and 🐶🎈", "\x00\x7f\n"])
+    ids = bpe.encode("a <|endoftext|> b")
+    assert bpe.eot_id not in ids and bpe.decode(ids) == "a <|endoftext|> b"
+    stories = ["bad \ud800 surrogate", "fine"]  # as tiktoken encodes lone surrogates
+    assert bpe.encode_stories(stories).tolist() == bpe.encode("bad \ufffd surrogate") + [0] + [
+        *bpe.encode("fine"),
+        0,
+    ]
+
+
+def test_bpe_encodes_as_the_tokenizers_library(bpe, v1_txt):
+    """tiktoken with the BPE's ids as ranks gives exactly the ids of Hugging Face's own
+    encoder for the same tokenizer.json, on text it was not trained on."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    stories = parse_stories(v1_txt.read_text(encoding="utf-8"))
+    hf = HFTokenizer.from_str(bpe.json)
+    assert [e.ids for e in hf.encode_batch(stories)] == [bpe.encode(s) for s in stories]
+
+
+def test_bpe_training_is_deterministic(bpe, v2_stories):
+    """The same stories give the same tokenizer.json, byte for byte, however they are
+    batched (each training builds its hash maps with new random seeds)."""
+    again = tokenizer.train_bpe(batches(v2_stories, 100), 4096)
+    assert again.json == bpe.json and again.sha256 == bpe.sha256
+    small = tokenizer.train_bpe(batches(v2_stories[:300]), 512)
+    assert small.vocab_size == 512 and small.json != bpe.json
+
+
+def test_bpe_state_and_file_round_trip(bpe, tmp_path):
+    (tmp_path / "tokenizer.json").write_text(bpe.json, encoding="utf-8")
+    for tok in (
+        tokenizer.from_state(bpe.state()),
+        tokenizer.BPETokenizer.from_file(tmp_path / "tokenizer.json"),
+    ):
+        assert tok.same_as(bpe) and tok.encode(STORIES[2]) == bpe.encode(STORIES[2])
+
+
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        (65_537, "tokenizer.vocab_size=65,537 does not fit the uint16 bins"),
+        (256, "tokenizer.vocab_size=256 is below 257"),
+        ("4k", "tokenizer.vocab_size=4k must be an integer"),
+    ],
+)
+def test_vocab_size_out_of_range_is_a_one_line_error(size, message):
+    with pytest.raises(SlmError, match=message) as e:
+        tokenizer.train_bpe([["never read"]], size)
+    assert "\n" not in str(e.value)
+    tokenizer.check_vocab_size(65_536)  # ids 0..65,535 fit
+
+
+def _edit(bpe, fn) -> str:
+    spec = json.loads(bpe.json)
+    fn(spec)
+    return json.dumps(spec)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.update(normalizer={"type": "NFC"}), "normalizer NFC"),
+        (lambda s: s.update(added_tokens=[]), "special tokens are"),
+        (lambda s: s["model"]["merges"].reverse(), "not in id order"),
+        (lambda s: s["model"]["vocab"].pop("Ġthe"), "ids are not 0..4094"),
+    ],
+)
+def test_foreign_tokenizer_json_is_refused(bpe, edit, message):
+    """Only files that tiktoken encodes exactly as tokenizers does are read."""
+    with pytest.raises(SlmError, match=f"x/tokenizer.json: .*{message}") as e:
+        tokenizer.BPETokenizer(_edit(bpe, edit), "x/tokenizer.json")
+    assert "\n" not in str(e.value)
 
 
 # -- offline: python -m slm.tokenizer seed ---------------------------------------------------

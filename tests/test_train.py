@@ -347,14 +347,86 @@ def test_short_runs_warm_up_without_an_error():
     assert cfg.optim.warmup_steps == 200
 
 
+# -- tokenizer=bpe ---------------------------------------------------------------------------
+
+
+def test_bpe_fit_loss_falls_resumes_exactly_and_generates(bpe_run, v2_txt, tmp_path, capsys):
+    """model=tiny tokenizer=bpe on real text: the model's vocab is the data's BPE (not the
+    preset's), the loss falls, every checkpoint carries the tokenizer, a run stopped at step 6
+    and resumed ends as the 12-step run, and slm.pt alone generates (no data dir)."""
+    import importlib.util
+    import shutil
+
+    from conftest import BPE_ARGS
+
+    from slm.checkpoint import load_model, load_tokenizer
+    from slm.prepare import read_tokenizer
+
+    run, data = bpe_run
+    tok = read_tokenizer(data)
+    meta = json.loads((data / "meta.json").read_text())
+    assert (tok.name, tok.vocab_size, tok.eot_id) == ("bpe", 4096, 0) == (
+        meta["tokenizer"], meta["vocab_size"], meta["eot_token"],
+    )  # fmt: skip
+    a = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (a["hyper_parameters"]["vocab_size"], a["hyper_parameters"]["eot_id"]) == (4096, 0)
+    assert a["state_dict"]["model.transformer.wte.weight"].shape == (4096, 64)
+    val = a["callbacks"]["RunHistory"]["val"]
+    assert [s for s, _ in val] == [0, 6, 12]
+    assert val[0][1] == pytest.approx(math.log(4096), abs=0.3)
+    assert val[-1][1] < val[0][1] - 1.2  # the loss falls (8.3 -> 6.6)
+    for path in (run / "slm.pt", run / "checkpoints" / "last.ckpt"):
+        assert load_tokenizer(path).sha256 == tok.sha256 == meta["tokenizer_sha256"]
+
+    # Stopped at step 6 (the constant lr makes its schedule the 12-step run's), then resumed.
+    b = tmp_path / "b"
+    args = [f"data.source={v2_txt}", *BPE_ARGS]
+    train(tiny_cfg(data, b, *args, "trainer.max_steps=6"))
+    train(tiny_cfg(data, b, *args, "trainer.max_steps=12", "ckpt_path=last",
+                   "allow_schedule_change=true"))  # fmt: skip
+    resumed = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 12 and resumed["tokenizer"] == a["tokenizer"]
+    val_b = resumed["callbacks"]["RunHistory"]["val"]
+    assert [s for s, _ in val_b] == [0, 6, 12]
+    assert [v for _, v in val_b] == pytest.approx([v for _, v in val], rel=1e-5)
+    for k, w in a["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], w, rtol=1e-5, atol=1e-6)
+
+    # slm.pt alone: the data dir is gone, generate.py tokenizes with the checkpoint's BPE.
+    pt = shutil.copy(run / "slm.pt", tmp_path / "slm.pt")
+    shutil.rmtree(b)
+    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    moved = tmp_path / "data-moved"
+    shutil.move(data, moved)
+    try:
+        cfg = compose("generate", [f"ckpt={pt}", "prompt=Once upon a time", "temperature=0",
+                                   "num_samples=1", "max_new_tokens=20"])  # fmt: skip
+        assert cli.run(cfg) == 0
+    finally:
+        shutil.move(moved, data)
+    out = capsys.readouterr().out
+    from slm.sample import generate
+
+    ids = generate(load_model(pt), tok.encode("Once upon a time"), 20, temperature=0)[0]
+    assert out == "Once upon a time" + tok.decode(ids) + "\n" and len(ids) > 0
+    assert all(t < 4096 for t in ids)
+
+
 def test_gpu_sized_run_on_a_cpu_is_warned(tmp_path, caplog):
     """model=small's 5000 steps (7e15 FLOPs) on a CPU: a plain warning at the start, pointing
-    to the CPU quick start (the run then stops at the missing data, before any step)."""
+    to the CPU quick start (the run then stops before any step: its val split is shorter than
+    model=small's 256-token context)."""
+    src = tmp_path / "stories.txt"
+    src.write_text("\n<|endoftext|>\n".join(f"Tom had {n} cats. The end." for n in range(30)))
     where = [f"run_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}"]
-    cfg = compose(
-        "train", ["model=small", "hardware=cpu", *where, f"data.source={tmp_path}/no.txt"]
-    )
-    with caplog.at_level(logging.INFO, logger="slm"), pytest.raises(DataError, match="no.txt"):
+    cfg = compose("train", ["model=small", "hardware=cpu", *where, f"data.source={src}",
+                            "data.val_fraction=0.1"])  # fmt: skip
+    with (
+        caplog.at_level(logging.INFO, logger="slm"),
+        pytest.raises(DataError, match="block_size=256 is not smaller than"),
+    ):
         train(cfg)
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.getMessage().startswith(
