@@ -70,8 +70,8 @@ def main() -> None:
     args = ap.parse_args()
     if not args.source.is_file():
         sys.exit(
-            f"error: benchmark text {args.source} is missing; it is the 2 MiB TinyStories piece "
-            "that ../shared/data/tinystories (next to the repo) holds, or give --source FILE"
+            f"error: benchmark text {args.source} is missing; give --source FILE, a TinyStories "
+            "text file (the benchmark's: the first 2 MiB of the hub's TinyStories-train.txt)"
         )
 
     from slm import tokenizer

@@ -24,7 +24,11 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
     """The config that ``@hydra.main`` would build, for code run outside a Hydra app."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import MissingConfigException, OverrideParseException
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -39,6 +43,13 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
         if len(lines) > 2:
             msg += f"; choose one of {', '.join(lines[2:])}"
         raise ConfigError(msg) from e
+    except ConfigCompositionException as e:  # e.g. a key the config does not have
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        hint = f"; {lines[1][0].lower()}{lines[1][1:]}" if len(lines) > 1 else ""
+        raise ConfigError(
+            f"{lines[0].rstrip('.')}: conf/{config_name}.yaml has no such key; check its "
+            f"spelling{hint}"
+        ) from e
 
 
 def _unparsable(overrides: Sequence[str]) -> str:

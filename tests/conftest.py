@@ -15,6 +15,11 @@ import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: each of the N workers gets one thread (and so do the commands it starts).
+    # The tests' tensors are small: threads contending for a shared core only slow them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories"

@@ -116,6 +116,17 @@ def test_unknown_group_option(group):
         compose("train", [f"{group}=nope"])
 
 
+@pytest.mark.parametrize("name", ["train", "evaluate", "serve"])
+def test_unknown_key_is_one_line(name):
+    """What python -m slm.evaluate bogus=1 meets (before: Hydra's traceback)."""
+    with pytest.raises(ConfigError) as e:
+        compose(name, ["bogus=1"])
+    assert str(e.value) == (
+        f"Could not override 'bogus': conf/{name}.yaml has no such key; check its spelling; "
+        "to append to your config use +bogus=1"
+    )
+
+
 def test_fp16_on_cpu_is_rejected():
     cfg = compose("train", ["hardware=cpu", "trainer.precision=16-mixed"])
     with pytest.raises(ConfigError, match="precision 16-mixed was asked for on cpu"):
