@@ -74,7 +74,9 @@ def test_quick_start_trains_and_generates_as_written(quick_start_run, capsys):
     assert (metrics["status"], metrics["steps"]) == ("completed", 6)
     assert metrics["parameters"]["total"] < 10e6  # a model for a CPU
     log = (run / "train.log").read_text()
-    assert "model: 7.23M parameters (0.79M non-embedding, 6.44M embedding)" in log
+    # 6 blocks of 6 x 192: a 4,096-token BPE (fitted to the text here) makes 0.79M of it.
+    assert "model: 3.44M parameters (2.66M non-embedding, 0.79M embedding)" in log
+    assert (run / "checkpoints" / "last.ckpt").is_file()
     assert "sized for a GPU" not in log  # the preset trains on a CPU in minutes
     assert (run / "slm.pt").is_file() and (run / "loss.png").is_file()
     [block] = code_blocks(section("Quick start"), "bash")[:1]
@@ -107,8 +109,8 @@ def tiny_run(tmp_path) -> Path:
 @pytest.mark.parametrize("which", ["quick_start_run", "tiny_run"])
 def test_hugging_face_snippets_as_written(which, request, tmp_path, monkeypatch, capsys):
     """The export command and the transformers snippet (the README's and the model card's) on
-    the quick start's model (Qwen 3, context 128) and on a model=tiny (GPT-2, 64 positions):
-    the prompt and its new tokens must fit in the context."""
+    the quick start's model (Qwen 3 with its BPE, context 256) and on a model=tiny (GPT-2, 64
+    positions): the prompt and its new tokens must fit in the context."""
     pytest.importorskip("transformers")
     from slm import export
 
