@@ -11,6 +11,7 @@
 #   3. generate.py on the main job's slm.pt
 #   4. benchmarks/train_throughput.py: small at batch 64, gpt2 at batch 16, compiled
 #   5. benchmarks/generate.py: prefill and decode tokens/s
+#   6. strategy=ddp vs strategy=fsdp: train.py model=$BIG on every GPU, DIST_STEPS steps each
 # Logs and run directories go to $GPU_CHECK_DIR (default gpu-check/). The knobs below are
 # environment variables; e.g. a CPU smoke test of this script:
 #   MODEL=tiny BIG=tiny HW=cpu STEPS=20 FP16_STEPS=0 TP_ARGS="--steps 5 --batch 8" \
@@ -27,11 +28,14 @@ BIG=${BIG:-gpt2}               # the second throughput shape
 HW=${HW:-auto}                 # hardware group of the main job
 STEPS=${STEPS:-300}
 FP16_STEPS=${FP16_STEPS:-100}  # 0 skips the fp16 profile
+DIST_STEPS=${DIST_STEPS:-100}  # 0 skips DDP vs FSDP
+NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
+[ "${NGPU:-0}" -ge 1 ] || NGPU=1
 TP_ARGS=${TP_ARGS:---steps 30 --repeats 1}
 GEN_ARGS=${GEN_ARGS:-}
 PY=${PYTHON:-python}
 mkdir -p "$out"
-rm -rf "$out/main" "$out/fp16"
+rm -rf "$out/main" "$out/fp16" "$out/ddp" "$out/fsdp"
 status=0
 results=()
 
@@ -65,6 +69,14 @@ part "train_throughput: $MODEL, batch 64, compiled" tp_main.log \
 part "train_throughput: $BIG, batch 16, compiled" tp_big.log \
     $PY benchmarks/train_throughput.py --model "$BIG" --batch 16 --compile $TP_ARGS
 part "benchmarks/generate.py" gen_bench.log $PY benchmarks/generate.py $GEN_ARGS
+if [ "$DIST_STEPS" -gt 0 ]; then
+    for strategy in ddp fsdp; do  # the same global batch: tokens/s of the two strategies
+        part "strategy=$strategy: model=$BIG hardware=$HW on $NGPU GPU(s), $DIST_STEPS steps" \
+            "$strategy.log" $PY train.py model="$BIG" hardware="$HW" strategy="$strategy" \
+            trainer.devices="$NGPU" data.batch_size=16 trainer.max_steps="$DIST_STEPS" \
+            "${common[@]}" val_every_n_steps="$DIST_STEPS" stories=0 hydra.run.dir="$out/$strategy"
+    done
+fi
 
 echo
 $PY - "$out" <<'EOF'
@@ -73,7 +85,7 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 rows = []
-for run in ("main", "fp16"):
+for run in ("main", "fp16", "ddp", "fsdp"):
     m = out / run / "metrics.json"
     if not m.exists():
         continue

@@ -254,20 +254,29 @@ class StopOnSignal(L.Callback):
     the resumed run is the uninterrupted one. A crash (an exception) saves nothing: the last
     validation's ``last.ckpt`` is the state to go back to. With several processes the stop is
     agreed on logging steps (a signal may reach the ranks at different steps); a crash on one
-    rank never waits on the others."""
+    rank never waits on the others.
+
+    SLURM warns a job ahead of its time limit or preemption with a signal (``--signal``) that a
+    requeue handler listens to: submitit's (SIGUSR2, ``hydra/launcher=submitit_slurm``) or
+    Lightning's SLURM auto-requeue (SIGUSR1). Where one is installed, its signal stops the run
+    the same way and then goes on to that handler, which requeues the job; the requeued job
+    resumes from this ``last.ckpt`` (``slm.train.resolve_ckpt_path``)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REQUEUE = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n))
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.requested: int | None = None
+        self.stopped = False  # whether the run was stopped here, at an agreed step boundary
         self._announced = False
         self._previous: dict = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.requested, self._announced = None, False
+        self.requested, self._announced, self.stopped = None, False, False
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+            requeue = [s for s in self.REQUEUE if callable(signal.getsignal(s))]
+            self._previous = {s: signal.signal(s, self._handler) for s in (*self.SIGNALS, *requeue)}
 
     def _handler(self, signum, frame) -> None:
         if self.requested is not None:  # the second one: stop now
@@ -281,7 +290,8 @@ class StopOnSignal(L.Callback):
         if self.requested is not None and not self._announced:
             self._announced = True
             name = signal.Signals(self.requested).name
-            print(f"\n{name}: stopping after this optimizer step (again to stop at once)",
+            then = ", then requeueing" if self.requested in self.REQUEUE else ""
+            print(f"\n{name}: stopping after this optimizer step{then} (again to stop at once)",
                   file=sys.stderr)  # fmt: skip
 
     def _restore(self) -> None:
@@ -300,7 +310,11 @@ class StopOnSignal(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             trainer.save_checkpoint(self.path)
+            self.stopped = True
+            then = self._previous.get(self.requested) if self.requested in self.REQUEUE else None
             self._restore()
+            if then is not None:
+                then(self.requested, None)  # requeue (submitit's exits on rank 0)
             raise KeyboardInterrupt  # Lightning's graceful shutdown; metrics say "interrupted"
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -318,16 +332,23 @@ class SampleStories(L.Callback):
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.max_new_tokens <= 0:
+        if trainer.sanity_checking or self.max_new_tokens <= 0:
             return
         from slm import tokenizer
         from slm.sample import generate
+        from slm.strategy import is_sharded
 
+        # Sharded (strategy=fsdp), each forward gathers every rank's shards: all ranks
+        # generate the same greedy story together (stopping at the same token), rank 0 logs it.
+        if not (trainer.is_global_zero or is_sharded(pl_module.model)):
+            return
         tok = getattr(pl_module, "tokenizer", None) or tokenizer.gpt2()  # the data's
         ids = generate(
             pl_module.model, tok.encode(self.prompt), self.max_new_tokens, temperature=0,
             stop_token=tok.eot_id,
         )[0]  # fmt: skip
+        if not trainer.is_global_zero:
+            return
         story = self.prompt + tok.decode(ids)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -29,16 +29,30 @@ from slm.tokenizer import Tokenizer, from_state
 log = logging.getLogger(__name__)
 
 
+# A sharded checkpoint (strategy=fsdp, strategy.checkpoint=sharded) is a folder: each rank's
+# shards in torch.distributed.checkpoint's format, and the rest of the Lightning checkpoint
+# (hyperparameters, loops, callbacks) in this file, as Lightning's ModelParallelStrategy writes.
+SHARDED_META = "meta.pt"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_META).is_file()
+
+
 def read(path: str | Path, mmap: bool = False) -> dict:
     """The dict inside a checkpoint file, loaded on the CPU with ``weights_only=True``
-    (``mmap``: tensors are mapped, read only where they are used)."""
+    (``mmap``: tensors are mapped, read only where they are used); of a sharded checkpoint
+    folder, its ``meta.pt`` (all but the weights and optimizer state)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file; pass a slm.pt or a Lightning .ckpt")
+    if is_sharded_checkpoint(path):
+        return read(path / SHARDED_META)
     if path.is_dir():
         raise CheckpointError(
-            f"{path} is a directory (with no config.json of a transformers model); pass the "
-            "slm.pt or a .ckpt file in it"
+            f"{path} is a directory (with no config.json of a transformers model, nor the "
+            f"{SHARDED_META} of a sharded checkpoint); pass the slm.pt or a .ckpt in it"
         )
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise here
@@ -71,6 +85,8 @@ def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
 
         return read_hf(path)
     obj = read(path)
+    if is_sharded_checkpoint(path) and "hyper_parameters" in obj:
+        obj["state_dict"] = read_sharded_weights(path)
     if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # slm.pt
         args, state = obj["model_args"], obj["model"]
     elif isinstance(obj, dict) and "hyper_parameters" in obj and "state_dict" in obj:  # Lightning
@@ -99,6 +115,30 @@ def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid stored model config: {e}") from e
     return config, state
+
+
+def read_sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full weights (Lightning's ``state_dict``) of a sharded checkpoint folder, in one
+    process, without the optimizer state: what ``slm.pt``, ``generate.py``, ``slm.evaluate``
+    and ``init_from`` read of it."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    try:
+        _load_state_dict(
+            state,
+            storage_reader=FileSystemReader(str(path)),
+            planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
+            no_dist=True,
+        )
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: its shards do not load ({type(e).__name__}: {first_line(e)}); the "
+            "folder is incomplete or corrupt"
+        ) from e
+    return state.get("state_dict", {})
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -159,6 +199,7 @@ def check_resume(
     hparams: dict,
     allow_schedule_change: bool = False,
     tokenizer: Tokenizer | None = None,
+    strategy: str = "ddp",
 ) -> None:
     """Before Lightning restores the training checkpoint ``path`` into a ``GPTModule`` built
     from ``hparams`` (its keyword arguments): the checkpoint must have been trained with
@@ -166,13 +207,22 @@ def check_resume(
     ``GPTConfig`` field) and optimizer, and the same learning-rate ``SCHEDULE`` unless
     ``allow_schedule_change``; each a one-line error, instead of Lightning's state-dict
     mismatch listing or a silent lr jump. Other optimizer settings that differ (weight decay,
-    betas, Muon's momentum) are applied, and listed on one warning line."""
+    betas, Muon's momentum) are applied, and listed on one warning line. The ``strategy``
+    (``ddp``: the model whole on each device, or ``fsdp``: sharded) must be the checkpoint's:
+    the two keep the optimizer state in different layouts."""
     obj = read(path)
     stored = obj.get("hyper_parameters")
     if not isinstance(stored, dict) or "loops" not in obj:
         raise CheckpointError(
             f"ckpt_path={path} is not a Lightning training checkpoint (a slm.pt holds weights "
             "only); resume from a checkpoints/last.ckpt"
+        )
+    written_by = obj.get("strategy", "ddp")  # checkpoints of before FSDP: unsharded
+    if written_by != strategy:
+        raise CheckpointError(
+            f"ckpt_path={path} was written by strategy={written_by}, not strategy={strategy}: "
+            f"resume with strategy={written_by}, or start a new run from its weights with "
+            f"init_from={path}"
         )
     if tokenizer is not None:
         trained_with = from_state(obj.get("tokenizer"), f"ckpt_path={path}")
@@ -228,7 +278,7 @@ def check_resume_data(path: str | Path, data_dir: str | Path, allow_change: bool
     on would switch the validation set and mix two sets' losses in ``best_val_loss``: a
     one-line ``CheckpointError``, unless ``allow_change``. Checkpoints that do not record
     their data dir pass."""
-    obj = read(path, mmap=True)  # no copy of the weights
+    obj = read(path, mmap=True)  # no copy of the weights (of a sharded folder: its meta.pt)
     trained_on = (obj.get("TokenDataModule") or {}).get("dir")
     here = Path(data_dir).expanduser().resolve()
     if trained_on and Path(trained_on) != here and not allow_change:

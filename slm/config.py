@@ -14,6 +14,7 @@ from slm.errors import ConfigError, override
 from slm.model import CHOICES
 from slm.optim import OPTIMIZERS
 from slm.precision import default_precision
+from slm.strategy import check_strategy
 from slm.tokenizer import check_config as check_tokenizer_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -275,3 +276,4 @@ def validate(cfg: DictConfig) -> None:
             f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}; "
             "lower the warmup or train longer"
         )
+    check_strategy(cfg)

@@ -1,12 +1,15 @@
 """Random windows of a memmapped token file, served by a LightningDataModule.
 
 Train batches are nanoGPT's ``get_batch``: ``x = tokens[i:i+T]``, ``y = tokens[i+1:i+T+1]`` at
-uniform random starts ``i``. Batch ``b`` of rank ``r`` is drawn from its own seeded generator
-``(seed, r, b)``, so the stream is reproducible, differs across DDP ranks, is split across
-dataloader workers without duplicates (worker ``w`` of ``W`` makes batches ``b = w mod W``,
-which PyTorch's loader returns in order), and resumes exactly: a resumed run starts at the
-batch after the last one trained on. Validation uses a fixed set of evenly spaced windows, the
-same at every evaluation, so val curves are comparable.
+uniform random starts ``i``. Each optimizer step's global batch (``batch_size x devices x
+nodes x accumulate`` windows) is drawn from its own seeded generator ``(seed, step)`` and dealt
+out, rank by rank and micro-batch by micro-batch: the same seed and global batch give the same
+windows at every step however the batch is split (2 ranks x 8 = 1 x 16 = 1 x 8 x accumulate 2),
+so a model does not depend on the machine it was trained on. The stream is split across
+dataloader workers without duplicates (worker ``w`` of ``W`` makes micro-batches
+``b = w mod W``, which PyTorch's loader returns in order) and resumes exactly: a resumed run
+starts at the step after the last one trained on. Validation uses a fixed set of evenly spaced
+windows, the same at every evaluation, so val curves are comparable.
 """
 
 from __future__ import annotations
@@ -86,7 +89,11 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int):
 
 
 class RandomWindows(IterableDataset):
-    """An endless stream of batches of random windows (yields whole batches)."""
+    """One rank's endless stream of micro-batches of random windows (yields whole batches).
+
+    Micro-batch ``b`` belongs to optimizer step ``b // accumulate``; the step's global batch
+    of ``batch_size * world_size * accumulate`` starts is drawn from ``(seed, step)``, and rank
+    ``r``'s micro-batch ``m`` takes its slice ``r * accumulate + m``."""
 
     def __init__(
         self,
@@ -95,15 +102,23 @@ class RandomWindows(IterableDataset):
         batch_size: int,
         seed: int,
         rank: int = 0,
+        world_size: int = 1,
+        accumulate: int = 1,
         start: int = 0,
     ) -> None:
         self.path, self.block_size, self.batch_size = str(path), block_size, batch_size
-        self.seed, self.rank, self.start = seed, rank, start
+        self.seed, self.rank, self.world_size, self.accumulate = seed, rank, world_size, accumulate
+        self.start = start
 
     def starts(self, batch_index: int, n_tokens: int) -> np.ndarray:
-        """Window starts of batch ``batch_index``: uniform over all valid starts."""
-        rng = np.random.default_rng((self.seed, self.rank, batch_index))
-        return rng.integers(0, n_tokens - self.block_size, size=self.batch_size)
+        """Window starts of this rank's micro-batch ``batch_index``: uniform over all valid
+        starts."""
+        step, micro = divmod(batch_index, self.accumulate)
+        rng = np.random.default_rng((self.seed, step))
+        global_batch = self.batch_size * self.world_size * self.accumulate
+        starts = rng.integers(0, n_tokens - self.block_size, size=global_batch)
+        first = (self.rank * self.accumulate + micro) * self.batch_size
+        return starts[first : first + self.batch_size]
 
     def __iter__(self):
         info = get_worker_info()
@@ -214,41 +229,48 @@ class TokenDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        trainer, rank, start = self.trainer, 0, 0
+        trainer, rank, world, accumulate, start = self.trainer, 0, 1, 1, 0
         if trainer is not None:
-            rank = trainer.global_rank
+            rank, world = trainer.global_rank, trainer.world_size
+            accumulate = trainer.accumulate_grad_batches
             # On resume Lightning restores its loops before this is called: continue the
-            # stream at the first micro-batch the interrupted run had not trained on.
-            start = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+            # stream at the first optimizer step the interrupted run had not trained on.
+            start = trainer.global_step * accumulate
         stream = RandomWindows(
-            self.dir / "train.bin", self.block_size, self.batch_size, self.seed, rank, start
-        )
+            self.dir / "train.bin", self.block_size, self.batch_size, self.seed,
+            rank, world, accumulate, start,
+        )  # fmt: skip
         return self._loader(stream, batch_size=None)
 
     def state_dict(self) -> dict:
         """What the checkpoint records of the data: the dir it trains and validates on (a
-        resume on another is refused, ``checkpoint.check_resume_data``) and the global batch's
-        factors."""
+        resume on another is refused, ``checkpoint.check_resume_data``), the global batch (the
+        windows each optimizer step draws from ``(seed, step)``) and its factors on this run."""
         t = self.trainer
+        world, accumulate = (t.world_size, t.accumulate_grad_batches) if t is not None else (1, 1)
         return {
             "dir": str(self.dir),
+            "global_batch": self.batch_size * world * accumulate,
             "batch_size": self.batch_size,
-            "world_size": t.world_size if t is not None else 1,
-            "accumulate": t.accumulate_grad_batches if t is not None else 1,
+            "world_size": world,
+            "accumulate": accumulate,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """On resume: a global batch other than the checkpoint's run's is said on one line."""
+        """On resume: a global batch other than the checkpoint's run's is said on one line
+        (another split of the same global batch draws the same windows: nothing to say)."""
         now = self.state_dict()
         if "batch_size" not in state:  # a checkpoint from before the batch was recorded
             return
-        was, is_ = (s["batch_size"] * s["world_size"] * s["accumulate"] for s in (state, now))
-        if was != is_:
+        was = state.get("global_batch")
+        if was is None:  # a checkpoint from before the global batch was recorded
+            was = state["batch_size"] * state["world_size"] * state["accumulate"]
+        if was != now["global_batch"]:
             rank_zero_only(log.warning)(
                 "resuming at a global batch of %d sequences (data.batch_size=%d x %d devices x "
                 "accumulate %d), where the checkpoint's run trained at %d (%d x %d x %d): each "
                 "optimizer step now sees another number of tokens",
-                is_, now["batch_size"], now["world_size"], now["accumulate"],
+                now["global_batch"], now["batch_size"], now["world_size"], now["accumulate"],
                 was, state["batch_size"], state["world_size"], state["accumulate"],
             )  # fmt: skip
 

@@ -12,6 +12,7 @@ from lightning.fabric.utilities.throughput import measure_flops
 
 from slm.model import GPT, GPTConfig
 from slm.optim import build_optimizer
+from slm.strategy import is_sharded
 from slm.tokenizer import Tokenizer, from_state
 
 log = logging.getLogger(__name__)
@@ -117,12 +118,23 @@ class GPTModule(L.LightningModule):
         self.tokenizer: Tokenizer | None = None
 
     def configure_model(self) -> None:
+        # strategy=fsdp (slm.strategy.FSDP) shards the GPT here, where Lightning's
+        # ModelParallelStrategy expects it: before the optimizer is built, so the optimizer
+        # holds the shards. FSDP2 keeps every parameter's name and full shape (a DTensor), so
+        # configure_optimizers splits the groups as on the unsharded model.
+        shard = getattr(self._trainer.strategy, "shard", None) if self._trainer else None
+        if shard is not None and not is_sharded(self.model):
+            shard(self.model)
         # Compile the GPT, not this LightningModule: Lightning's hooks and logging stay plain
         # Python around one graph for the GPT's forward and one for its backward. Only the
         # training and validation forward is compiled: generation (SampleStories, generate.py)
         # calls the eager GPT with a KV cache whose length changes every step.
         if self.compile_mode and self._compiled is None:
-            self._compiled = torch.compile(self.model.forward, mode=self.compile_mode)
+            # Sharded, through the module's call: FSDP2's hooks (which gather each Block's
+            # weights) run around its forward, eagerly (dynamo's skip_fsdp_hooks), between
+            # the compiled pieces.
+            call = self.model.__call__ if is_sharded(self.model) else self.model.forward
+            self._compiled = torch.compile(call, mode=self.compile_mode)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return (self._compiled or self.model)(idx, targets)
@@ -192,6 +204,9 @@ class GPTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.state()
+        # Sharded (fsdp) or not (one device, ddp): the optimizer state's layout, which a
+        # resume must share (slm.checkpoint.check_resume).
+        checkpoint["strategy"] = "fsdp" if is_sharded(self.model) else "ddp"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.tokenizer is None:  # load_from_checkpoint: the one it was trained with

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from slm.model import MLP, CausalSelfAttention
 
@@ -91,6 +92,100 @@ class BlockMuon(torch.optim.Muon):
             grads.extend(g.chunk(n))
             momentum_bufs.extend(buf.chunk(n))
         return has_complex
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._sharded_step(group)
+        return loss
+
+    def _sharded_step(self, group: dict) -> None:
+        """torch's Muon step on FSDP2 shards (strategy=fsdp), each rank holding some rows of
+        every matrix. The momentum and the weight decay are elementwise: each rank updates its
+        own rows. The orthogonalisation needs whole matrices: each is done by one rank, in
+        turn (matrix i by rank i mod world size), as nanochat's and modded-nanogpt's
+        distributed Muon spread the work; the owner gathers the matrix's rows from every rank,
+        orthogonalises it block by block and sends each rank its rows of the result. The same
+        arithmetic on the same numbers as the unsharded step, so the same update."""
+        from torch.optim._muon import _adjust_lr
+
+        params, grads, bufs = [], [], []
+        torch.optim.Muon._init_group(self, group, params, grads, bufs)  # whole parameters
+        updates = []
+        for g, buf in zip(grads, bufs):
+            g, buf = g.to_local(), buf.to_local()
+            buf.lerp_(g, 1 - group["momentum"])
+            updates.append(g.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+        orthogonal = _orthogonalise_sharded(params, updates, self.blocks, group)
+        lr = group["lr"]
+        for p, o in zip(params, orthogonal):
+            rows, cols = p.shape
+            scaled = _adjust_lr(lr, group["adjust_lr_fn"], (rows // self.blocks.get(p, 1), cols))
+            local = p.to_local()
+            local.mul_(1 - lr * group["weight_decay"])
+            local.add_(o, alpha=-scaled)
+
+
+def _shard_rows(rows: int, world: int) -> list[int]:
+    """How many rows of a ``rows``-row matrix each rank holds under FSDP2, which shards by rows
+    as ``torch.chunk`` does: ``ceil(rows / world)`` each, fewer (or none) at the end."""
+    per = -(-rows // world)
+    return [max(0, min(rows, (r + 1) * per) - r * per) for r in range(world)]
+
+
+def _orthogonalise_sharded(
+    params: list[DTensor], updates: list[torch.Tensor], blocks: dict, group: dict
+) -> list[torch.Tensor]:
+    """This rank's rows of Newton-Schulz(update) for each sharded matrix, given its rows of
+    each update: matrix i is orthogonalised (block by block) on rank i mod world size
+    (``BlockMuon._sharded_step``). Rows travel padded to ``ceil(rows / world)``, so that every
+    rank sends and receives one shape."""
+    import torch.distributed as dist
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    if not params:
+        return []
+    pg = params[0].device_mesh.get_group()
+    world, me = pg.size(), pg.rank()
+    ns_args = group["ns_coefficients"], group["ns_steps"], group["eps"]
+    gathered, works = [], []
+    for i, (p, u) in enumerate(zip(params, updates)):
+        counts = _shard_rows(p.shape[0], world)
+        if u.size(0) != counts[me]:
+            raise RuntimeError(f"unexpected FSDP shard of {tuple(p.shape)}: {u.size(0)} rows")
+        padded = u.new_zeros(counts[0], p.shape[1])
+        padded[: u.size(0)] = u
+        bufs = [torch.empty_like(padded) for _ in range(world)] if i % world == me else None
+        gathered.append(bufs)
+        owner = dist.get_global_rank(pg, i % world)
+        works.append(dist.gather(padded, bufs, dst=owner, group=pg, async_op=True))
+    for w in works:
+        w.wait()
+    outs, works = [], []
+    for i, (p, u, bufs) in enumerate(zip(params, updates, gathered)):
+        counts = _shard_rows(p.shape[0], world)
+        chunks = None
+        if bufs is not None:  # this rank's matrix
+            full = torch.cat([b[:n] for b, n in zip(bufs, counts)])
+            result = torch.cat(
+                [_zeropower_via_newtonschulz(b, *ns_args) for b in full.chunk(blocks.get(p, 1))]
+            )
+            chunks = [c for c in result.split(counts[0])]
+            chunks = [torch.cat([c, c.new_zeros(counts[0] - c.size(0), c.size(1))]) for c in chunks]
+            chunks += [result.new_zeros(counts[0], p.shape[1])] * (world - len(chunks))
+        out = torch.empty(counts[0], p.shape[1], dtype=torch.bfloat16, device=u.device)
+        outs.append(out)
+        owner = dist.get_global_rank(pg, i % world)
+        works.append(dist.scatter(out, chunks, src=owner, group=pg, async_op=True))
+    for w in works:
+        w.wait()
+    return [out[: u.size(0)] for out, u in zip(outs, updates)]
 
 
 def stacked_blocks(model: nn.Module) -> dict[nn.Parameter, int]:

@@ -191,9 +191,10 @@ _STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _decode_step(device: torch.device, compile: bool) -> Callable:
     """``GPT.decode``, compiled if ``compile``: CUDA graphs on CUDA (``reduce-overhead``), the
-    default inductor mode elsewhere (the CPU tests)."""
+    default inductor mode elsewhere (the CPU tests). Eager, the model's own bound
+    ``decode``: a sharded GPT (strategy=fsdp) gathers its weights around that one."""
     if not compile:
-        return GPT.decode
+        return lambda model, *args: model.decode(*args)
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     if mode not in _COMPILED:
         _COMPILED[mode] = torch.compile(GPT.decode, mode=mode, fullgraph=True, dynamic=False)

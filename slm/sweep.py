@@ -6,6 +6,8 @@ read from the job's ``metrics.json`` (empty where the job has none)."""
 from __future__ import annotations
 
 import csv
+import fcntl
+import io
 import json
 import logging
 import math
@@ -16,6 +18,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from slm.errors import one_line
@@ -47,12 +50,17 @@ def story_scores(path: Path) -> dict[str, float]:
 
 
 class SweepSummary(Callback):
-    def __init__(self) -> None:
-        self.failed: list[int] = []
+    """Writes ``sweep.csv`` as each job ends and counts its failures when the sweep ends.
+
+    Under any launcher: the basic one (jobs one after another in this process), joblib (jobs
+    in worker processes at once) or submitit (each job its own SLURM job, maybe of several
+    ranks, on other machines). So a row is written by the job's rank 0 only, each row (and the
+    header, by whichever job finds the file empty) in one write under an exclusive lock on the
+    file, and the failures are counted from the file, where every job's row is."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         hc = config.hydra
-        if hc.mode != RunMode.MULTIRUN:
+        if hc.mode != RunMode.MULTIRUN or rank_zero_only.rank != 0:
             return
         value, error = "", ""
         if job_return.status == JobStatus.COMPLETED:
@@ -61,28 +69,44 @@ class SweepSummary(Callback):
                 value, error = "", value.reason
         else:  # an exception that train() does not report itself (a bug): Hydra kept it
             error = one_line(job_return._return_value)
-        status = "FAILED" if error else "COMPLETED"
-        if error:
-            self.failed.append(hc.job.num)
-        path = Path(hc.sweep.dir) / "sweep.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:  # jobs of the basic launcher run one by one
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(
-                {
-                    "job": hc.job.num,
-                    "overrides": " ".join(job_return.overrides or []),
-                    "best_val_loss": value,
-                    "status": status,
-                    "error": error,
-                    "dir": os.path.relpath(hc.runtime.output_dir, hc.sweep.dir),
-                    **story_scores(Path(hc.runtime.output_dir) / "metrics.json"),
-                }
-            )
+        row = {
+            "job": hc.job.num,
+            "overrides": " ".join(job_return.overrides or []),
+            "best_val_loss": value,
+            "status": "FAILED" if error else "COMPLETED",
+            "error": error,
+            "dir": os.path.relpath(hc.runtime.output_dir, hc.sweep.dir),
+            **story_scores(Path(hc.runtime.output_dir) / "metrics.json"),
+        }
+        append_row(Path(hc.sweep.dir) / "sweep.csv", row)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.failed:
-            path = Path(config.hydra.sweep.dir) / "sweep.csv"
-            log.warning("%d job(s) failed (%s): see %s", len(self.failed), self.failed, path)
+        path = Path(config.hydra.sweep.dir) / "sweep.csv"
+        failed = failed_jobs(path)
+        if failed:
+            log.warning("%d job(s) failed (%s): see %s", len(failed), failed, path)
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append ``row`` to the csv at ``path`` (its header first, if the file is empty): one
+    write under an exclusive ``flock``, so that jobs ending at once neither interleave nor
+    both write the header."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        if os.fstat(f.fileno()).st_size == 0:
+            writer.writeheader()
+        writer.writerow(row)
+        f.write(buf.getvalue())
+
+
+def failed_jobs(path: Path) -> list[int]:
+    """The job numbers of the FAILED rows of ``sweep.csv`` at ``path``."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+    return [int(r["job"]) for r in rows if r.get("status") == "FAILED"]

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from slm import stories
@@ -40,16 +41,28 @@ from slm.checkpoint import (
     apply_init_from,
     check_resume,
     check_resume_data,
+    is_sharded_checkpoint,
+    load_checkpoint,
     load_model,
     load_tokenizer,
+    read,
 )
 from slm.config import command_line, model_overrides, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
+from slm.model import GPT
 from slm.module import GPTModule
 from slm.precision import trainer_precision
 from slm.prepare import prepare, read_tokenizer
 from slm.rundir import run_dir_lock
+from slm.strategy import (
+    agree_on_start,
+    full_state_dict,
+    is_sharded,
+    launched_outside,
+    trainer_strategy,
+    world_size,
+)
 from slm.sweep import FailedJob
 from slm.tokenizer import Tokenizer
 
@@ -74,19 +87,32 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to resume: ``ckpt_path`` (``last``: this run dir's ``last.ckpt``), or,
+    in a job that SLURM requeued (preempted, or out of time under
+    ``hydra/launcher=submitit_slurm``), the ``last.ckpt`` its first run left. A checkpoint is
+    a file, or a sharded folder."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    found = last.is_file() or is_sharded_checkpoint(last)
     if not ckpt_path:
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        if restarts.isdigit() and int(restarts) > 0 and found:
+            rank_zero_only(log.info)(
+                "SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming from %s", restarts, last
+            )
+            return str(last)
         return None
     if ckpt_path == "last":  # this run's own: another run's (or sweep job's) is never taken
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if not found:
             raise ConfigError(
                 f"ckpt_path=last: there is no {last}; resume in the run's own directory "
                 "(hydra.run.dir=outputs/DATE/TIME ckpt_path=last) or give ckpt_path=PATH"
             )
         return str(last)
     path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    if not (path.is_file() or is_sharded_checkpoint(path)):
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: no such checkpoint file (or sharded checkpoint folder)"
+        )
     return str(path.resolve())
 
 
@@ -164,14 +190,19 @@ def main(cfg: DictConfig) -> float:
     """``train.py``'s task: ``train(cfg)``, with a user's mistake or a divergence reported on
     one line. In a multirun sweep the job returns a ``FailedJob`` (a NaN that carries the
     reason) instead of exiting, so the sweep goes on with its other jobs and ``sweep.csv``
-    records this one as FAILED; a sweeper that minimizes (Optuna) sees a NaN, a failed trial."""
+    records this one as FAILED; a sweeper that minimizes (Optuna) sees a NaN, a failed trial.
+    A sweep that cannot work at all (``SweepError``) stops at its first job."""
     try:
         return train(cfg)
     except (SlmError, FloatingPointError) as e:
-        if not _in_multirun():
+        if not _in_multirun() or isinstance(e, SweepError):
             fail(e, log)
         log.error("error: %s", one_line(e))
         return FailedJob(one_line(e))
+
+
+class SweepError(ConfigError):
+    """A mistake in how a ``-m`` sweep is launched: every job would fail the same way."""
 
 
 def _in_multirun() -> bool:
@@ -184,21 +215,49 @@ def _in_multirun() -> bool:
         return False
 
 
-def train(cfg: DictConfig) -> float:
-    """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
+def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | None]:
+    """Every check before training, each a one-line ``SlmError``: the config (filled in where
+    it says ``auto``), ``init_from``, the data (prepared if missing), the checkpoint to
+    resume. Returns the ``init_from`` model (or None), the data's tokenizer, the run dir and
+    the checkpoint path (or None)."""
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
     stories.check(cfg)  # the suite runs at the end: its settings are checked at the start
     check_trainer_args(dict(cfg.trainer))
+    if _in_multirun() and launched_outside(cfg) is None and (world_size(cfg) or 1) > 1:
+        # Lightning's launcher starts the other ranks by running this command again: the
+        # whole sweep, in every process.
+        raise SweepError(
+            f"trainer.devices={cfg.trainer.devices} (x {cfg.trainer.num_nodes} nodes) in a -m "
+            "sweep: Lightning would start the other ranks by running the whole sweep again; "
+            "sweep with trainer.devices=1, or give each job its own processes "
+            "(hydra/launcher=submitit_slurm)"
+        )
     run_dir = run_dir_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     tok = prepare_data(cfg)  # sets model.vocab_size: before the checkpoint's model is checked
     if ckpt_path:
-        check_resume(ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False), tok)
+        check_resume(
+            ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False), tok,
+            strategy=cfg.strategy.name,
+        )  # fmt: skip
         check_resume_data(ckpt_path, cfg.data.dir, cfg.get("allow_data_change", False))
-    with run_dir_lock(run_dir):  # from here on, the run dir is this run's
-        return _fit(cfg, init, tok, run_dir, ckpt_path)
+    return init, tok, run_dir, ckpt_path
+
+
+def train(cfg: DictConfig) -> float:
+    """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
+    with contextlib.ExitStack() as stack:
+        start, error = None, None
+        try:
+            start = check_start(cfg)
+            # the run dir is this run's from here on (held by rank 0): a start check too
+            stack.enter_context(run_dir_lock(start[2]))
+        except SlmError as e:
+            error = e
+        agree_on_start(cfg, error)  # under torchrun or srun: every rank stops if one failed
+        return _fit(cfg, *start)
 
 
 def _fit(
@@ -218,7 +277,7 @@ def _fit(
         module.model.load_state_dict(init.state_dict())  # the optimizer starts fresh
         log.info("init_from=%s: starting from its weights", cfg.init_from)
     n = module.model.num_params()
-    log.info(
+    rank_zero_only(log.info)(
         "model: %.2fM parameters (%.2fM non-embedding, %.2fM embedding)",
         n["total"] / 1e6, n["non_embedding"] / 1e6, n["embedding"] / 1e6,
     )  # fmt: skip
@@ -246,6 +305,7 @@ def _fit(
     # one (no monitor) rewrites last.ckpt at every validation, so a resume loses little.
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     history = RunHistory()
+    stop = StopOnSignal(str(ckpt_dir / "last.ckpt"))
     callbacks = [
         best,
         last,
@@ -258,7 +318,7 @@ def _fit(
         ),  # fmt: skip
         TimeToMaxSteps(cfg.val_every_n_steps),
         history,
-        StopOnSignal(str(ckpt_dir / "last.ckpt")),  # after history: its tokens are counted
+        stop,  # after history: its tokens are counted
         SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens),
     ]
     trainer_args = dict(cfg.trainer)
@@ -269,6 +329,7 @@ def _fit(
         every = max(1, trainer_args["log_every_n_steps"]) * trainer_args["accumulate_grad_batches"]
         callbacks.append(StepProgressBar(refresh_rate=every))
     trainer_args.update(trainer_precision(trainer_args.pop("precision"), cfg.trainer.accelerator))
+    trainer_args["strategy"] = trainer_strategy(cfg)
     trainer = L.Trainer(
         **trainer_args,
         logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
@@ -277,16 +338,19 @@ def _fit(
         num_sanity_val_steps=-1,  # a full validation before step 0: the curve's start
         use_distributed_sampler=False,  # each rank takes its own share (TokenDataModule)
     )
-    error: BaseException | None = None
+    error = None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except BaseException as e:
         error = e
         raise
     finally:
-        if trainer.is_global_zero:
+        # Sharded, the weights are gathered from every rank; rank 0 writes the files.
+        if trainer.is_global_zero or is_sharded(module.model):
             with deferred_signals():  # a Ctrl-C now must not leave slm.pt without metrics
-                write_outputs(run_dir, module, best, history, trainer, error, n)
+                write_outputs(
+                    run_dir, module, best, history, trainer, error, n, agreed_stop=stop.stopped
+                )
     if cfg.stories and trainer.is_global_zero:
         story_suite(cfg, run_dir, datamodule.dir / "val.bin", trainer)
     score = best.best_model_score
@@ -368,26 +432,43 @@ def write_outputs(
     trainer: L.Trainer,
     error: BaseException | None = None,
     parameters: dict[str, int] | None = None,
+    agreed_stop: bool = False,
 ) -> None:
     """``metrics.json`` always (with the run's status and the model's ``parameters``);
     ``slm.pt`` (best weights + model config) and ``loss.png`` once the run has made an
     optimizer step. A run that failed before its first step leaves no weights that
-    ``generate.py`` would take for a model."""
+    ``generate.py`` would take for a model.
+
+    Rank 0 writes. With a sharded model every rank calls this: the full weights are gathered
+    from all of them, unless the best checkpoint has them (read by rank 0 alone) or the run
+    failed on its own (``error``, not a stop every rank agreed on: ``agreed_stop``, or a
+    divergence), when the other ranks may not be here to take part."""
     steps = trainer.global_step
     status, reason = run_status(error)
+    best_path = best.best_model_path
+    has_best = bool(best_path) and Path(best_path).exists()
+    state, best_step = None, steps
+    if steps > 0 and not has_best:
+        together = error is None or agreed_stop or isinstance(error, FloatingPointError)
+        if together or not is_sharded(module.model):
+            state = full_state_dict(module.model)
+    if not trainer.is_global_zero:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     if steps > 0:
-        state, best_step = module.model.state_dict(), steps
-        if best.best_model_path and Path(best.best_model_path).exists():
-            ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
-            state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-            best_step = ckpt["global_step"]
-        pt = {"model_args": module.config.to_dict(), "model": state, "step": best_step}
-        if module.tokenizer is not None:  # generate, evaluate and export need nothing else
-            pt["tokenizer"] = module.tokenizer.state()
-        save_atomic(pt, run_dir / "slm.pt")
+        if has_best:
+            _, state = load_checkpoint(best_path)
+            best_step = read(best_path)["global_step"]
+        written = ["loss.png"]
+        if state is not None:
+            pt = {"model_args": module.config.to_dict(), "model": state, "step": best_step}
+            if module.tokenizer is not None:  # generate, evaluate and export need nothing else
+                pt["tokenizer"] = module.tokenizer.state()
+            save_atomic(pt, run_dir / "slm.pt")
+            written.insert(0, "slm.pt")
+        else:
+            log.warning("no slm.pt: the sharded run failed on one rank before its first checkpoint")
         plot_losses(history, run_dir / "loss.png")
-        written = ["slm.pt", "loss.png"]
     else:
         written = []
     vals = [v for _, v in history.val]

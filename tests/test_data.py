@@ -77,7 +77,7 @@ def test_train_batches_are_exact_shifted_slices(prepared, source):
     for b, (x, y) in enumerate(batches):
         assert x.dtype == y.dtype == torch.int64
         assert x.shape == y.shape == (B, T)
-        starts = np.random.default_rng((7, 0, b)).integers(0, n - T, size=B)  # (seed, rank, b)
+        starts = np.random.default_rng((7, b)).integers(0, n - T, size=B)  # (seed, step)
         assert starts.tolist() == dm.train_dataloader().dataset.starts(b, n).tolist()
         assert ((0 <= starts) & (starts + T + 1 <= n)).all()
         for row, i in enumerate(starts):
@@ -102,25 +102,35 @@ def test_train_stream_is_reproducible_and_seeded(prepared, source):
 
 
 def fake_trainer(rank=0, step=0, accumulate=1, world_size=1):
-    """What the DataModule reads of a Trainer: its rank, world size, and the micro-batches
-    trained on so far (``step`` optimizer steps of ``accumulate`` micro-batches)."""
-    progress = SimpleNamespace(total=SimpleNamespace(processed=step * accumulate))
-    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
-    return SimpleNamespace(global_rank=rank, world_size=world_size, fit_loop=loop)
+    """What the DataModule reads of a Trainer: its rank, world size, accumulation and the
+    optimizer steps trained so far."""
+    return SimpleNamespace(
+        global_rank=rank, world_size=world_size, accumulate_grad_batches=accumulate,
+        global_step=step,
+    )  # fmt: skip
 
 
-def test_ranks_draw_different_windows(prepared, source):
-    dm = module(prepared, source)
-    dm.trainer = fake_trainer(rank=0)
-    rank0 = take(dm.train_dataloader(), 4)
-    dm.trainer = fake_trainer(rank=1)
-    loader = dm.train_dataloader()
-    assert loader.dataset.rank == 1
-    rank1 = take(loader, 4)
-    assert not any(torch.equal(a[0], b[0]) for a, b in zip(rank0, rank1))
-    n = dm.n_tokens["train"]
-    starts = np.random.default_rng((7, 1, 0)).integers(0, n - T, size=B)
-    assert rank1[0][0][:, 0].tolist() == tokens_of(prepared, "train")[starts].tolist()
+def test_ranks_and_micro_batches_deal_out_one_global_batch(prepared, source):
+    """Step s draws its global batch from (seed, s); rank r's micro-batch m is its slice
+    r * accumulate + m: 2 ranks x 2 micro-batches of 4 are the 16 windows of 1 x 16."""
+    whole = module(prepared, source, batch_size=4 * B)
+    n = whole.n_tokens["train"]
+    reference = take(whole.train_dataloader(), 2)  # steps 0 and 1, 16 windows each
+    for s in range(2):
+        starts = np.random.default_rng((7, s)).integers(0, n - T, size=4 * B)
+        assert reference[s][0][:, 0].tolist() == tokens_of(prepared, "train")[starts].tolist()
+    dealt = {}
+    for rank in (0, 1):
+        dm = module(prepared, source)
+        dm.trainer = fake_trainer(rank=rank, accumulate=2, world_size=2)
+        loader = dm.train_dataloader()
+        assert (loader.dataset.rank, loader.dataset.world_size) == (rank, 2)
+        dealt[rank] = take(loader, 4)  # micro-batches 0, 1 (step 0) and 2, 3 (step 1)
+    for s in range(2):
+        x = torch.cat([dealt[r][2 * s + m][0] for r in (0, 1) for m in (0, 1)])
+        assert torch.equal(x, reference[s][0])
+    # the ranks draw different windows
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(dealt[0], dealt[1]))
 
 
 def test_workers_split_the_stream_without_duplicates(prepared, source):
@@ -135,7 +145,9 @@ def test_workers_split_the_stream_without_duplicates(prepared, source):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_the_stream(prepared, source, workers):
     """After 3 optimizer steps of 2 accumulated micro-batches, the stream resumes at batch 6."""
-    full = take(module(prepared, source).train_dataloader(), 9)
+    dm = module(prepared, source)
+    dm.trainer = fake_trainer(accumulate=2)
+    full = take(dm.train_dataloader(), 9)
     dm = module(prepared, source, num_workers=workers)
     dm.trainer = fake_trainer(step=3, accumulate=2)
     loader = dm.train_dataloader()

@@ -2,6 +2,8 @@
 release that changes one fails here, by name (pyproject.toml bounds lightning to the minor
 version these pass with; bump the bound only with them passing)."""
 
+from datetime import timedelta
+
 import lightning as L
 import pytest
 from lightning.pytorch.loggers import Logger
@@ -72,10 +74,30 @@ def test_logger_connector_should_update_logs(fit):
     assert logger.steps == [1, 3]  # Lightning's own logging: the same steps
 
 
-def test_batch_progress_total_processed(fit):
-    """TokenDataModule resumes the train stream at this micro-batch count."""
-    spy, _ = fit
-    assert spy.processed == list(range(8))
+def test_init_dist_connection(monkeypatch):
+    """slm.strategy.agree_on_start joins the process group Lightning then uses, with
+    dist_timeout, before Lightning would (so a start check failing on one rank stops all)."""
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.fabric.utilities.distributed import _init_dist_connection
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "0")
+    env = LightningEnvironment()
+    _init_dist_connection(env, "gloo", 0, 1, timeout=timedelta(seconds=30))
+    try:
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_model_parallel_strategy_data_parallel_size():
+    """slm.strategy.FSDP shards over every rank of every node: it sets ModelParallelStrategy's
+    data-parallel size before the device mesh is built from it."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1)
+    assert strategy._data_parallel_size == "auto"
 
 
 def test_optimizer_handles_unscaling():

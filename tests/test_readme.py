@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from slm.config import compose
 
@@ -126,6 +127,10 @@ def test_hugging_face_snippets_as_written(which, request, tmp_path, monkeypatch,
     for where, text in [("README.md", share), ("my-model/README.md", card)]:  # and the card's
         [snippet] = code_blocks(text, "python")
         capsys.readouterr()
+        torch.manual_seed(0)  # the snippet samples: the same story at every run
         exec(compile(snippet, where, "exec"), {})
         story = capsys.readouterr().out
-        assert story.startswith("Once upon a time") and len(story) > 100, where
+        # the new tokens, up to the 200 asked for or to a sampled <|endoftext|> (a model of a
+        # few steps may end its story at once)
+        ended = story.rstrip().endswith("<|endoftext|>")
+        assert story.startswith("Once upon a time") and (len(story) > 100 or ended), where

@@ -68,3 +68,119 @@ def test_experiment_config_composes():
     cfg = compose("train", ["experiment=small_lr_sweep"])
     assert cfg.model.n_embd == 384 and cfg.trainer.max_steps == 2000
     assert cfg.optim.min_lr <= cfg.optim.lr
+
+
+# -- sweep.csv under any launcher ---------------------------------------------------------------
+
+
+def job_end(sweep: Path, num: int, value: float, overrides=()) -> None:
+    """What Hydra calls as job ``num`` of a multirun ends with ``value``, in this process."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+
+    from slm.sweep import SweepSummary
+
+    out = sweep / str(num)
+    cfg = OmegaConf.create(
+        {"hydra": {"mode": RunMode.MULTIRUN, "job": {"num": num},
+                   "sweep": {"dir": str(sweep)}, "runtime": {"output_dir": str(out)}}}
+    )  # fmt: skip
+    ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=value)
+    SweepSummary().on_job_end(cfg, ret)
+
+
+def test_only_rank_0_of_a_job_writes_its_row(tmp_path, monkeypatch):
+    """A job of several ranks (submitit: one SLURM task per GPU) runs the callback on every
+    rank: one row, not one per rank."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    job_end(tmp_path, 0, 1.5)
+    assert not (tmp_path / "sweep.csv").exists()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    job_end(tmp_path, 0, 1.5)
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert [(r["job"], r["best_val_loss"], r["status"]) for r in rows] == [
+        ("0", "1.5", "COMPLETED")
+    ]
+
+
+def test_failures_are_counted_from_sweep_csv(tmp_path, caplog):
+    """Under joblib or submitit the jobs end in other processes: the launching process's
+    callback, which saw none of them, still counts the failed ones at the end."""
+    from slm.sweep import FailedJob, SweepSummary
+
+    job_end(tmp_path, 0, FailedJob("optim.lr=-1 must be positive"))
+    job_end(tmp_path, 1, 2.0)
+    job_end(tmp_path, 2, FailedJob("train/loss is nan at step 3"))
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    with caplog.at_level("WARNING", logger="slm.sweep"):
+        SweepSummary().on_multirun_end(cfg)
+    assert f"2 job(s) failed ([0, 2]): see {tmp_path / 'sweep.csv'}" in caplog.text
+
+
+def _race(sweep: str, job: int, barrier) -> None:
+    barrier.wait()
+    for i in range(10):
+        job_end(Path(sweep), job * 10 + i, float(job))
+
+
+def test_jobs_ending_at_once_write_one_header_and_whole_rows(tmp_path):
+    """joblib's workers end their jobs at the same time: one header, every row whole."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for trial in range(10):
+        sweep = tmp_path / str(trial)
+        sweep.mkdir()
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_race, args=(str(sweep), j, barrier)) for j in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0] * 4
+        lines = (sweep / "sweep.csv").read_text().splitlines()
+        assert lines[0].startswith("job,overrides,best_val_loss") and len(lines) == 41
+        rows = list(csv.DictReader(lines))
+        assert sorted(int(r["job"]) for r in rows) == list(range(40))
+        assert all(float(r["best_val_loss"]) == int(r["job"]) // 10 for r in rows)
+
+
+def test_multirun_with_several_devices_under_the_basic_launcher_is_refused(tmp_path, monkeypatch):
+    """Lightning would start rank 1 by running the command again: the whole sweep, twice,
+    each row written twice. Refused at the first job, on one line."""
+    import pytest
+
+    from slm import train as train_module
+
+    monkeypatch.setattr(train_module, "_in_multirun", lambda: True)
+    cfg = compose("train", [*TINY_ARGS, f"data.dir={tmp_path}", "trainer.devices=2"])
+    with pytest.raises(SystemExit):
+        train_module.main(cfg)
+    with pytest.raises(train_module.SweepError) as e:
+        train_module.check_start(cfg)
+    assert str(e.value).startswith("trainer.devices=2 (x 1 nodes) in a -m sweep: Lightning")
+    assert "\n" not in str(e.value)
+
+
+def test_the_slurm_launcher_takes_its_tasks_from_the_trainer():
+    """hydra/launcher=submitit_slurm: one SLURM job per sweep job, of trainer.num_nodes nodes
+    with one task (a Lightning rank) per device, requeued when its time runs out."""
+    import pytest
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.utils import instantiate
+
+    from slm.config import CONF_DIR
+
+    overrides = ["hydra/launcher=submitit_slurm", "trainer.devices=4", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", overrides, return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    p = launcher.params
+    assert (p["nodes"], p["tasks_per_node"], p["gpus_per_node"]) == (2, 4, 4)
+    assert p["max_num_timeout"] > 0 and p["signal_delay_s"] > 0
