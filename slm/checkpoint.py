@@ -200,6 +200,8 @@ def check_resume(
     allow_schedule_change: bool = False,
     tokenizer: Tokenizer | None = None,
     strategy: str = "ddp",
+    data_dir: str | Path | None = None,
+    allow_data_change: bool = False,
 ) -> None:
     """Before Lightning restores the training checkpoint ``path`` into a ``GPTModule`` built
     from ``hparams`` (its keyword arguments): the checkpoint must have been trained with
@@ -209,8 +211,9 @@ def check_resume(
     mismatch listing or a silent lr jump. Other optimizer settings that differ (weight decay,
     betas, Muon's momentum) are applied, and listed on one warning line. The ``strategy``
     (``ddp``: the model whole on each device, or ``fsdp``: sharded) must be the checkpoint's:
-    the two keep the optimizer state in different layouts."""
-    obj = read(path)
+    the two keep the optimizer state in different layouts. With ``data_dir``: the data dir
+    too (``check_resume_data``), from the same read of the file."""
+    obj = read(path, mmap=True)  # the weights are not needed: no copy of them
     stored = obj.get("hyper_parameters")
     if not isinstance(stored, dict) or "loops" not in obj:
         raise CheckpointError(
@@ -266,6 +269,8 @@ def check_resume(
     ]
     if applied:
         rank_zero_only(log.warning)("resuming with %s", ", ".join(applied))
+    if data_dir is not None:
+        _check_data_dir(obj, path, data_dir, allow_data_change)
 
 
 def _plain(value):
@@ -278,7 +283,11 @@ def check_resume_data(path: str | Path, data_dir: str | Path, allow_change: bool
     on would switch the validation set and mix two sets' losses in ``best_val_loss``: a
     one-line ``CheckpointError``, unless ``allow_change``. Checkpoints that do not record
     their data dir pass."""
-    obj = read(path, mmap=True)  # no copy of the weights (of a sharded folder: its meta.pt)
+    # No copy of the weights (of a sharded folder: its meta.pt).
+    _check_data_dir(read(path, mmap=True), path, data_dir, allow_change)
+
+
+def _check_data_dir(obj: dict, path, data_dir: str | Path, allow_change: bool) -> None:
     trained_on = (obj.get("TokenDataModule") or {}).get("dir")
     here = Path(data_dir).expanduser().resolve()
     if trained_on and Path(trained_on) != here and not allow_change:

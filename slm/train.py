@@ -40,7 +40,6 @@ from slm.callbacks import (
 from slm.checkpoint import (
     apply_init_from,
     check_resume,
-    check_resume_data,
     is_sharded_checkpoint,
     load_checkpoint,
     load_model,
@@ -240,9 +239,9 @@ def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | Non
     if ckpt_path:
         check_resume(
             ckpt_path, module_args(cfg), cfg.get("allow_schedule_change", False), tok,
-            strategy=cfg.strategy.name,
+            strategy=cfg.strategy.name, data_dir=cfg.data.dir,
+            allow_data_change=cfg.get("allow_data_change", False),
         )  # fmt: skip
-        check_resume_data(ckpt_path, cfg.data.dir, cfg.get("allow_data_change", False))
     return init, tok, run_dir, ckpt_path
 
 
