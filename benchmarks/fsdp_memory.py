@@ -52,7 +52,7 @@ def rank_main(rank: int, world: int, port: int, model_name: str, strategy: str, 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = compose("train", [f"model={model_name}"])
-        config = GPTConfig(**{k: v for k, v in cfg.model.items() if k != "name"})
+        config = GPTConfig(**cfg.model)
         torch.manual_seed(0)
         model = GPT(config)
         if strategy == "fsdp":

@@ -74,13 +74,18 @@ def read(path: str | Path, mmap: bool = False) -> dict:
     return obj
 
 
+def is_hf_dir(path: Path) -> bool:
+    """A ``transformers`` model directory (what ``slm.export`` writes)."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
 def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """The model config and GPT state dict stored in an ``slm.pt``, a Lightning ``.ckpt`` or
     a ``transformers`` directory (``config.json`` + safetensors).
 
     Only tensors and primitives are unpickled (``weights_only=True``)."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():
+    if is_hf_dir(path):
         from slm.export import read_hf  # safetensors only where one is read (the hf extra)
 
         return read_hf(path)
@@ -147,7 +152,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     stored), or a ``transformers`` directory's (``slm.export.read_hf_tokenizer``). A one-line
     ``SlmError`` for a file that is no checkpoint, or gpt2 offline without its BPE files."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():
+    if is_hf_dir(path):
         from slm.export import read_hf_tokenizer
 
         return read_hf_tokenizer(path).load()
@@ -191,7 +196,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
 # (compile) is not in the checkpoint.
 SCHEDULE = ("lr", "min_lr", "warmup_steps", "max_steps", "muon_lr")
 FOLLOWS_THE_RUN = ("fused",)  # a kernel, not a number of the training: never reported
-CONFIG_KEY = {"max_steps": "trainer.max_steps", "optimizer": "optim.name"}
+CONFIG_KEY = {"max_steps": "trainer.max_steps"}
 
 
 def check_resume(

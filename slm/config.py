@@ -130,14 +130,8 @@ def model_overrides() -> dict[str, str]:
     """The ``model.*`` keys that this run's command line sets, each with the override that
     sets it: ``model.KEY=VALUE`` itself, or a ``model=NAME`` / ``arch=NAME`` group choice for
     every key of that group's file. Empty outside a Hydra app (a config composed in code)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = HydraConfig.get().overrides.task
-    except ValueError:  # not inside a Hydra app
-        return {}
     keys: dict[str, str] = {}
-    for text in task:
+    for text in _task():
         key, _, value = text.lstrip("+~").partition("=")
         if key.startswith("model."):
             keys[key.removeprefix("model.")] = text
@@ -149,16 +143,21 @@ def model_overrides() -> dict[str, str]:
     return keys
 
 
+def _task() -> list[str]:
+    """This run's command-line overrides; empty outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra app
+        return []
+
+
 def command_line(group: str) -> list[str]:
     """The overrides on this run's command line that set the config group ``group`` or one
     of its keys (``tokenizer=bpe``, ``tokenizer.vocab_size=8192``); empty outside a Hydra
     app."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = HydraConfig.get().overrides.task
-    except ValueError:  # not inside a Hydra app
-        return []
+    task = _task()
     keys = [text.lstrip("+~").partition("=")[0] for text in task]
     return [text for text, key in zip(task, keys) if key == group or key.startswith(group + ".")]
 

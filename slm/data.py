@@ -216,7 +216,10 @@ class TokenDataModule(L.LightningDataModule):
                 )
             self.n_tokens[split] = n
         self.meta = read_meta(self.dir)
-        self.tokenizer = read_tokenizer(self.dir, self.meta)
+        given = self.tokenizer_request  # prepare_data checked it against the dir's meta.json
+        self.tokenizer = (
+            given.load() if isinstance(given, Tokenizer) else read_tokenizer(self.dir, self.meta)
+        )
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         workers = self.num_workers

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             check_tokenizer(d.dir, tok)  # before prepare's error, which knows no checkpoint
         # A no-op when already prepared.
         prepare(d.source, d.dir, d.val_fraction, d.overwrite, tok, d.get("max_stories"))
-        result = evaluate(model, d.dir, d.batch_size, tok)
+        result = evaluate(model, d.dir, d.batch_size)  # its tokenizer checked just above
         if cfg.stories:
             result["stories"] = suite(Path(d.dir).expanduser() / "val.bin")
     print(json.dumps(result))

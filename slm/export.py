@@ -63,10 +63,10 @@ def hf_family(c: GPTConfig) -> str:
         return ConfigError(f"cannot export {knob}: {why}; exportable are {EXPORTABLE}")
 
     if c.mlp == "relu2":
-        raise ConfigError(
-            "cannot export model.mlp=relu2: no transformers family computes ReLU^2 MLPs; train "
-            "with model.mlp=swiglu to export (arch=modern model.mlp=swiglu exports as Qwen 3); "
-            f"exportable are {EXPORTABLE}"
+        raise refuse(
+            "model.mlp=relu2",
+            "no transformers family computes ReLU^2 MLPs; train with model.mlp=swiglu to export "
+            "(arch=modern model.mlp=swiglu exports as Qwen 3)",
         )
     if c.positions == "learned":  # GPT-2 is the one family with learned absolute positions
         if c.norm != "layernorm":
@@ -368,10 +368,6 @@ def _yaml(path: Path) -> dict | list | None:
 
 GELUS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # exact, or tanh approximations
 MASKS = re.compile(r"\.attn\.(masked_)?bias$")  # causal-mask buffers of older GPT-2 saves
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
 def read_hf_tokenizer(directory: str | Path) -> Tokenizer:

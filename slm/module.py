@@ -148,9 +148,12 @@ class GPTModule(L.LightningModule):
         # No host sync here (no .item(), no isfinite branch): RunHistory reads the loss, and
         # checks that it is finite, on logging steps only.
         first = batch_idx % self.trainer.accumulate_grad_batches == 0
-        total, n = (0, 0) if first or self._step_loss is None else self._step_loss
-        self._step_loss = total + loss.detach(), n + 1
-        self.log("train/loss", self._step_loss[0] / self._step_loss[1], prog_bar=True)
+        if first or self._step_loss is None:
+            self._step_loss = loss.detach(), 1
+        else:
+            self._step_loss = self._step_loss[0] + loss.detach(), self._step_loss[1] + 1
+        total, n = self._step_loss
+        self.log("train/loss", total if n == 1 else total / n, prog_bar=True)
         return loss
 
     # -- validation: token-weighted mean loss over all val windows, then ppl and bpb from it.

@@ -78,6 +78,8 @@ class BlockMuon(torch.optim.Muon):
     def __init__(self, params, blocks: dict[nn.Parameter, int], **kwargs) -> None:
         super().__init__(params, **kwargs)
         self.blocks = blocks
+        # FSDP shards the model (configure_model) before the optimizer is built.
+        self.sharded = any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"])
 
     def _init_group(self, group, params, grads, momentum_bufs):
         # torch's Muon gathers each parameter, gradient and momentum buffer into these lists and
@@ -95,7 +97,7 @@ class BlockMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+        if not self.sharded:
             return super().step(closure)
         loss = None
         if closure is not None:

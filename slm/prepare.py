@@ -657,9 +657,6 @@ def prepare(
     """Write ``train.bin``, ``val.bin`` and ``meta.json`` (and, for a BPE, ``tokenizer.json``)
     into ``data_dir``; return the meta.
 
-    ``max_stories``: only the first that many stories of each split (a bounded slice: from
-    the hub, only that much is downloaded); None for all of them.
-
     ``source`` None stands for what ``data_dir`` holds (see ``resolve_source``), taken as it
     was prepared (its ``val_fraction`` is not compared). ``tokenizer``: the ``tokenizer``
     config (``{"name": "gpt2"}``, the default, or ``{"name": "bpe", "vocab_size",

@@ -56,7 +56,7 @@ from slm.checkpoint import load_model, load_tokenizer
 from slm.config import compose
 from slm.engine import Engine, Event, QueueFull
 from slm.engine import Request as Job
-from slm.errors import ConfigError, first_line, run_cli
+from slm.errors import ConfigError, run_cli
 from slm.sample import resolve_device
 
 log = logging.getLogger("slm.serve")
@@ -651,12 +651,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hydra.errors import ConfigCompositionException
-
-    try:
-        cfg = compose("serve", sys.argv[1:] if argv is None else argv)
-    except ConfigCompositionException as e:  # a key serve.yaml does not have
-        raise ConfigError(f"{first_line(e)}: conf/serve.yaml has no such key") from e
+    cfg = compose("serve", sys.argv[1:] if argv is None else argv)  # an unknown key: one line
     host = cfg.host
     if not isinstance(host, str) or not host:
         raise ConfigError(f"host={host} must be an address, e.g. 127.0.0.1 or 0.0.0.0")

@@ -18,13 +18,13 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from slm.errors import one_line
-from slm.stories import COLUMNS, flat
 
-FIELDS = ["job", "overrides", "best_val_loss", "status", "error", "dir", *COLUMNS]
+# Hydra builds this callback before every run, before train.py takes the run dir's lock: the
+# modules that import torch (Lightning's rank, slm.stories) are imported where they are used.
+FIELDS = ["job", "overrides", "best_val_loss", "status", "error", "dir"]
 log = logging.getLogger(__name__)
 
 
@@ -46,6 +46,8 @@ def story_scores(path: Path) -> dict[str, float]:
         summary = json.loads(path.read_text()).get("stories")
     except (OSError, ValueError, AttributeError):
         return {}
+    from slm.stories import flat
+
     return flat(summary) if isinstance(summary, dict) else {}
 
 
@@ -59,6 +61,8 @@ class SweepSummary(Callback):
     file, and the failures are counted from the file, where every job's row is."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        from lightning.pytorch.utilities import rank_zero_only
+
         hc = config.hydra
         if hc.mode != RunMode.MULTIRUN or rank_zero_only.rank != 0:
             return
@@ -91,8 +95,10 @@ def append_row(path: Path, row: dict) -> None:
     """Append ``row`` to the csv at ``path`` (its header first, if the file is empty): one
     write under an exclusive ``flock``, so that jobs ending at once neither interleave nor
     both write the header."""
+    from slm.stories import COLUMNS
+
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=[*FIELDS, *COLUMNS])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", newline="") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed

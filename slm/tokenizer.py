@@ -257,20 +257,29 @@ def _fix_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-@functools.lru_cache(maxsize=8)
+class _BadBPE(ValueError):
+    """Why a ``tokenizer.json`` is not one slm reads (``_read_bpe`` says where)."""
+
+
 def _read_bpe(text: str, where: str) -> tuple[dict[bytes, int], int]:
+    """``_parse_bpe(text)``, its error a one-line ``SlmError`` that names ``where``."""
+    try:
+        return _parse_bpe(text)
+    except _BadBPE as e:
+        raise SlmError(
+            f"{where}: {e}; slm reads the byte-level BPE files that tokenizer=bpe trains"
+        ) from e.__cause__
+
+
+@functools.lru_cache(maxsize=8)  # keyed on the text: one check per file, whoever reads it
+def _parse_bpe(text: str) -> tuple[dict[bytes, int], int]:
     """The ranks (token bytes -> id) and EOT id of a byte-level BPE ``tokenizer.json``, after
     checking that tiktoken encodes with them exactly as ``tokenizers`` does: GPT-2's byte map
     and pre-tokenizer, no normalizer, ``<|endoftext|>`` the one special token, ids 0..V-1, and
     merges in id order, each of which tiktoken's BPE (lowest-id pair first, on the bytes of the
     token it makes, with only the tokens before it) rebuilds. ``tokenizers`` trains exactly such
     files; ``ignore_merges`` keeps a piece that is a token whole, as tiktoken does."""
-
-    def bad(why: str) -> SlmError:
-        return SlmError(
-            f"{where}: {why}; slm reads the byte-level BPE files that tokenizer=bpe trains"
-        )
-
+    bad = _BadBPE
     try:
         spec = json.loads(text)
         model = spec["model"]
@@ -494,8 +503,6 @@ def seed_tiktoken_cache(folder: str | Path, cache_dir: str | Path | None = None)
     SHA-1 of each file's download URL), after checking each file's SHA-256, so that the
     ``gpt2`` encoding loads with no network. Both files are checked before either is
     written; each is written under a temporary name and renamed. Returns the paths written."""
-    import hashlib
-
     folder = Path(folder).expanduser()
     cache = Path(cache_dir).expanduser() if cache_dir else tiktoken_cache_dir()
     contents = {}

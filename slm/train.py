@@ -137,12 +137,10 @@ def build_module(cfg: DictConfig) -> GPTModule:
     return GPTModule(**module_args(cfg))
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> TokenDataModule:
-    """The data of ``cfg``, made with ``tokenizer`` (``prepare_data``'s), else as the
-    ``tokenizer`` config says."""
-    request = tokenizer or cfg.get("tokenizer")
+def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer) -> TokenDataModule:
+    """The data of ``cfg``, made with ``tokenizer`` (``prepare_data``'s)."""
     return TokenDataModule(
-        **cfg.data, block_size=cfg.model.block_size, seed=cfg.seed, tokenizer=request
+        **cfg.data, block_size=cfg.model.block_size, seed=cfg.seed, tokenizer=tokenizer
     )
 
 
@@ -351,20 +349,22 @@ def _fit(
                     run_dir, module, best, history, trainer, error, n, agreed_stop=stop.stopped
                 )
     if cfg.stories and trainer.is_global_zero:
-        story_suite(cfg, run_dir, datamodule.dir / "val.bin", trainer)
+        story_suite(cfg, run_dir, datamodule.dir / "val.bin", trainer, tok)
     score = best.best_model_score
     return float(score) if score is not None else math.nan
 
 
-def story_suite(cfg: DictConfig, run_dir: Path, val_bin: Path, trainer: L.Trainer) -> None:
-    """The story suite (``slm.stories``) on ``slm.pt`` (the best weights), with ``stories``
-    openings of the held-out split: its numbers go into ``metrics.json`` (``"stories"``) and
-    TensorBoard (``stories/*``), the completions into ``slm.stories.jsonl``. A judge that
-    fails is recorded there (``stories.judge.error``); the run stays completed."""
+def story_suite(
+    cfg: DictConfig, run_dir: Path, val_bin: Path, trainer: L.Trainer, tok: Tokenizer
+) -> None:
+    """The story suite (``slm.stories``) on ``slm.pt`` (the best weights, trained with the
+    data's tokenizer ``tok``), with ``stories`` openings of the held-out split: its numbers go
+    into ``metrics.json`` (``"stories"``) and TensorBoard (``stories/*``), the completions
+    into ``slm.stories.jsonl``. A judge that fails is recorded there
+    (``stories.judge.error``); the run stays completed."""
     ckpt = run_dir / "slm.pt"
     if not ckpt.exists():
         return
-    tok = load_tokenizer(ckpt)  # the training data's, which slm.pt embeds
     device = trainer.strategy.root_device
     log.info("story suite: %d openings of %s, completed by %s", cfg.stories, val_bin, ckpt)
     try:
@@ -457,7 +457,7 @@ def write_outputs(
     if steps > 0:
         if has_best:
             _, state = load_checkpoint(best_path)
-            best_step = read(best_path)["global_step"]
+            best_step = read(best_path, mmap=True)["global_step"]
         written = ["loss.png"]
         if state is not None:
             pt = {"model_args": module.config.to_dict(), "model": state, "step": best_step}
