@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from slm.checkpoint import load_model, load_tokenizer
 from slm.errors import one_line
-from slm.sample import check_sampling, generate, resolve_device, warm_up
+from slm.precision import resolve_device
+from slm.sample import check_sampling, generate, warm_up
 
 
 def validate(cfg: DictConfig) -> tuple[torch.device, bool]:

@@ -30,7 +30,8 @@ from omegaconf import OmegaConf
 
 from slm import tokenizer
 from slm.model import GPT, GPTConfig
-from slm.sample import generate, resolve_device, warm_up
+from slm.precision import resolve_device
+from slm.sample import generate, warm_up
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Once upon a time"

@@ -26,7 +26,7 @@ from slm import stories
 from slm.checkpoint import load_model, load_tokenizer
 from slm.config import compose
 from slm.model import GPT, GPTConfig
-from slm.sample import resolve_device
+from slm.precision import resolve_device
 from slm.tokenizer import gpt2
 
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from slm.model import GPT, KVCache
-from slm.sample import _decode_step, _next_token, _precision, check_sampling, slide
+from slm.precision import inference_precision
+from slm.sample import _decode_step, _next_token, check_sampling, slide
 from slm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.compile = max_batch, max_queue, compile
         self.device = next(model.parameters()).device
-        self.autocast, dtype = _precision(model, self.device)
+        self.autocast, dtype = inference_precision(model, self.device)
         self.cache = KVCache(config, max_batch, self.device, dtype)
         self.decode = _decode_step(self.device, compile)
         self.sizes = _buckets(max_batch) if compile else []

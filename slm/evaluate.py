@@ -37,13 +37,13 @@ from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
 from slm import stories
+from slm.checkpoint import load_model, load_tokenizer
 from slm.config import compose
 from slm.data import FixedWindows, load_tokens
 from slm.errors import ConfigError, DataError, run_cli
 from slm.model import GPT
-from slm.precision import inference_autocast
+from slm.precision import inference_autocast, resolve_device
 from slm.prepare import prepare, read_meta, read_tokenizer, tokenize
-from slm.sample import load_model, load_tokenizer, resolve_device
 from slm.tokenizer import Tokenizer
 
 

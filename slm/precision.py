@@ -1,4 +1,5 @@
-"""One place decides the numeric precision, for training, evaluation and generation.
+"""One place decides where and in what precision the model runs: the device of the inference
+commands, and the numeric precision for training, evaluation and generation.
 
 bf16 only where the GPU computes it natively (compute capability >= 8.0: A100, H100, L4, RTX 30xx
 and later); fp16 with loss scaling on older GPUs (T4, V100); fp32 on the CPU. (PyTorch's
@@ -8,13 +9,43 @@ and later); fp16 with loss scaling on older GPUs (T4, V100); fp32 on the CPU. (P
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
+from slm.errors import first_line
+
 MIXED = ("bf16-mixed", "16-mixed")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a
+    ``ValueError`` when the machine does not have it."""
+    name = str(name)
+    kind = name.split(":")[0]
+    if kind not in DEVICES or (":" in name and kind != "cuda"):
+        raise ValueError(f"device={name} is not one of {', '.join(DEVICES)} (or cuda:N)")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but this machine has no CUDA GPU; use device=cpu or auto")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name} but MPS is not available here; use device=cpu or auto")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device={name}: {first_line(e)}") from e
+    if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name} but there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def default_precision(device: str | torch.device) -> str:
@@ -44,6 +75,25 @@ def inference_autocast(device: str | torch.device):
     if dtype is None:
         return contextlib.nullcontext(), None
     return torch.autocast(device.type, dtype=dtype), dtype
+
+
+def inference_precision(model: torch.nn.Module, device: str | torch.device):
+    """``inference_autocast(device)``, with the dtype of activations and of a KV cache filled
+    in: the model's parameters' where autocast is off (the CPU)."""
+    autocast, dtype = inference_autocast(device)
+    return autocast, dtype or next(model.parameters()).dtype
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode (no dropout) for the block, then back in the mode it was in:
+    evaluation and generation in the middle of training leave it training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class ClippableMixedPrecision(MixedPrecision):

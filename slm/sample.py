@@ -50,12 +50,8 @@ from slm.checkpoint import (  # noqa: F401  (the public API here)
     load_model,
     load_tokenizer,
 )
-from slm.errors import first_line
 from slm.model import GPT, GPTConfig, KVCache
-from slm.precision import inference_autocast
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
+from slm.precision import inference_precision
 
 # -- arguments -------------------------------------------------------------------------------
 
@@ -85,32 +81,6 @@ def check_sampling(
         raise ValueError(f"top_p={top_p} must be in (0, 1], or null for no nucleus filter")
     if not is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be an integer >= 1")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a
-    ``ValueError`` when the machine does not have it."""
-    name = str(name)
-    kind = name.split(":")[0]
-    if kind not in DEVICES or (":" in name and kind != "cuda"):
-        raise ValueError(f"device={name} is not one of {', '.join(DEVICES)} (or cuda:N)")
-    if kind == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but this machine has no CUDA GPU; use device=cpu or auto")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={name} but MPS is not available here; use device=cpu or auto")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device={name}: {first_line(e)}") from e
-    if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device={name} but there are {torch.cuda.device_count()} CUDA devices")
-    return device
 
 
 # -- sampling --------------------------------------------------------------------------------
@@ -174,13 +144,6 @@ def _next_token(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _precision(model: GPT, device: torch.device):
-    """Autocast context and KV-cache dtype, as ``slm.precision`` decides for ``device``
-    (autocast off on the CPU: the parameters' dtype)."""
-    autocast, dtype = inference_autocast(device)
-    return autocast, dtype or next(model.parameters()).dtype
-
-
 # -- the static decode step ------------------------------------------------------------------
 
 # One compiled GPT.decode per torch.compile mode for the whole process (dynamo adds a graph
@@ -241,7 +204,7 @@ def warm_up(model: GPT, num_samples: int = 1) -> None:
     Three steps: dynamo and inductor compile on the first, CUDA graphs record on the second
     and replay from the third."""
     device = next(model.parameters()).device
-    autocast, dtype = _precision(model, device)
+    autocast, dtype = inference_precision(model, device)
     step = _decode_step(device, compile=True)
     was_training = model.training
     model.eval()
@@ -351,7 +314,7 @@ def generate(
     if max_new_tokens == 0:
         return out
     rope = config.positions == "rope"
-    autocast, dtype = _precision(model, device)
+    autocast, dtype = inference_precision(model, device)
     was_training = model.training
     model.eval()
     try:

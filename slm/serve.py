@@ -57,7 +57,7 @@ from slm.config import compose
 from slm.engine import Engine, Event, QueueFull
 from slm.engine import Request as Job
 from slm.errors import ConfigError, run_cli
-from slm.sample import resolve_device
+from slm.precision import resolve_device
 
 log = logging.getLogger("slm.serve")
 

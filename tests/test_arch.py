@@ -100,7 +100,7 @@ def test_a_bf16_or_fp16_cache_under_fp32_activations(family, dtype, monkeypatch)
     torch.testing.assert_close(torch.cat(got, 1), expected, atol=tol, rtol=0)
     torch.testing.assert_close(torch.stack(steps, 1), expected[:, 5:], atol=tol, rtol=0)
     # generate with such a cache, eager and on the static path, across context shifts
-    monkeypatch.setattr(sample, "_precision", lambda *_: (contextlib.nullcontext(), dtype))
+    monkeypatch.setattr(sample, "inference_precision", lambda *_: (contextlib.nullcontext(), dtype))
     for static_path in (False, True):
         monkeypatch.setattr(sample, "uses_static_cache", lambda *_, s=static_path: s)
         assert len(generate(model, [1, 2, 3], 12, temperature=0, stop_token=None)[0]) == 12

@@ -16,19 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from slm import tokenizer
+from slm.checkpoint import load_checkpoint, load_model
 from slm.config import compose
 from slm.errors import CheckpointError
 from slm.model import GPT, GPTConfig
 from slm.module import GPTModule
-from slm.sample import (
-    check_sampling,
-    filter_logits,
-    generate,
-    load_checkpoint,
-    load_model,
-    resolve_device,
-    warm_up,
-)
+from slm.precision import resolve_device
+from slm.sample import check_sampling, filter_logits, generate, warm_up
 from slm.tokenizer import EOT_ID
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,6 @@ from slm.evaluate import score
 from slm.model import GPT, GPTConfig, KVCache
 from slm.module import GPTModule
 from slm.precision import ClippableMixedPrecision, trainer_precision
-from slm.sample import _precision
 from slm.train import train
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
@@ -34,13 +33,14 @@ def test_one_helper_decides_for_train_generate_and_evaluate(
     model = GPT(GPTConfig(**TINY))
     with pytest.warns(UserWarning, match="CUDA is not available"):  # autocast("cuda") here
         assert precision.inference_autocast("cuda")[1] == dtype  # evaluate.py
-        assert _precision(model, torch.device("cuda"))[1] == dtype  # generate: the KV cache
+        # generate: the KV cache
+        assert precision.inference_precision(model, torch.device("cuda"))[1] == dtype
 
 
 def test_cpu_runs_in_fp32():
     assert precision.default_precision("cpu") == "32-true"
     model = GPT(GPTConfig(**TINY))
-    assert _precision(model, torch.device("cpu"))[1] == torch.float32
+    assert precision.inference_precision(model, torch.device("cpu"))[1] == torch.float32
 
 
 @pytest.fixture(scope="module")

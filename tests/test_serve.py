@@ -321,7 +321,7 @@ def test_engine_with_a_bf16_cache_under_cuda_like_autocast(positions, monkeypatc
     rms_norm = F.rms_norm
     monkeypatch.setattr(F, "rms_norm", lambda *a, **kw: rms_norm(*a, **kw).float())
     monkeypatch.setattr(
-        "slm.engine._precision",
+        "slm.engine.inference_precision",
         lambda model, device: (torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16),
     )
     torch.manual_seed(3)
