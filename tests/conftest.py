@@ -6,6 +6,7 @@ imports them, and the one hub code path that is tested gets a monkeypatched load
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+import yaml
+from omegaconf import OmegaConf
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -201,6 +204,25 @@ def snapshot(out: Path) -> dict[str, tuple[int, int]]:
         for p in sorted(out.iterdir())
         if p.name != LOCK
     }
+
+
+# -- the training config with overrides -------------------------------------------------------
+
+
+@functools.cache
+def train_cfg():
+    from slm.config import compose
+
+    return compose("train")
+
+
+def cfg_with(*overrides: str):
+    """The training config with ``key=value`` overrides (composed once: Hydra is slow)."""
+    cfg = train_cfg().copy()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=True)
+    return cfg
 
 
 # model=tiny tokenizer=bpe on the real V2 piece (its BPE fitted there), at a constant lr
