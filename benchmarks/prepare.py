@@ -5,7 +5,7 @@
 Both tokenize the same TinyStories text file (by default the 2 MiB piece of the V1 train
 split in ../shared/data/tinystories) into train.bin / val.bin with the same held-out split,
 and must write byte-identical bins. Both parse stories with the same function
-(``slm.prepare._split_stories``) and use the same, already loaded, tiktoken gpt2 encoding; the
+(``slm.sources.split_stories``) and use the same, already loaded, tiktoken gpt2 encoding; the
 naive loop then calls ``encode_ordinary`` once per story, appends the ids and an EOT to a
 Python list, and writes ``np.array(ids, np.uint16).tofile``. Each is timed end to end (read,
 parse, encode, write) ``--repeat`` times; the best time is reported, and prepare's first call
@@ -34,11 +34,11 @@ DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "tinystories" / "TinyStories-
 def naive_prepare(source: Path, out: Path, val_fraction: float = 0.01) -> None:
     """The straightforward way: one ``encode_ordinary`` call per story, ids in a list."""
     from slm import tokenizer
-    from slm.prepare import _split_stories  # the same story parsing as prepare
+    from slm.sources import split_stories  # the same story parsing as prepare
 
     enc = tokenizer.get_encoding()
     text = source.read_text(encoding="utf-8")
-    stories = [s for s in (p.strip() for p in _split_stories(text + "\n")) if s]
+    stories = [s for s in (p.strip() for p in split_stories(text + "\n")) if s]
     ids: dict[str, list[int]] = {"train": [], "val": []}
     for i, story in enumerate(stories):
         held_out = math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)

@@ -1,5 +1,6 @@
 """Story-quality evaluation: the model completes story openings taken from held-out stories,
-and the completions are measured (and, on demand, graded by an LLM judge).
+and the completions are measured (``slm.measures``) and, on demand, graded by an LLM judge
+(``slm.judge``).
 
     python -m slm.evaluate ckpt=outputs/run/slm.pt data.dir=DIR stories=50
     python -m slm.evaluate ckpt=PATH stories=50 judge=http://localhost:8080/v1
@@ -13,26 +14,15 @@ starts in training), until the end-of-text token, ``suite.max_new_tokens`` token
 end of the model's context window (``block_size`` tokens, the opening included), all the
 openings of a mode as one batch.
 
-The numbers (``summarize``; README, Story evaluation), per decoding mode:
-
-- ``distinct_n`` (n = 1, 2, 3): distinct n-grams / all n-grams, over all the completions of
-  the mode together (Li et al., 2016), of words, punctuation marks and line breaks
-  (``units``): low when the model says the same things in every story.
-- ``repeat_4gram``: within a completion, the share of its 4-grams that repeat an earlier
-  one, averaged over the completions: high when a story loops (on words or on line breaks).
-- ``eot_rate``: the share of completions that end with ``<|endoftext|>`` within the token
-  limit; ``words``: their mean length in words.
-- ``carryover``: the share of the opening's names and nouns (``names_and_nouns``: a plain
-  heuristic, no NLP library) that the completion uses again, averaged over the completions.
-
-and, once per opening, ``continuation_loss``: the model's loss (nats per token) on the true
-rest of the story, given the opening. The completions go to a jsonl file beside the scores.
-
-The judge (``judge=PATH_OR_URL``): each completion is sent, inside the rubric prompt (a file,
-``conf/judge_rubric.txt`` by default), to an OpenAI-compatible chat-completions endpoint
-(llama.cpp, vLLM, Ollama) or a local ``transformers`` causal LM directory, which answers with
-a 1-10 score and a one-line reason for grammar, consistency, creativity and plot (the
-TinyStories paper's criteria). Replies without the four scores are counted, not fatal.
+The numbers (``summarize``; README, Story evaluation), per decoding mode: ``distinct_n``
+(n = 1, 2, 3) over all the completions of the mode together (low when the model says the same
+things in every story); ``repeat_4gram``, the share of a completion's 4-grams that repeat an
+earlier one (high when a story loops); ``eot_rate``, the share of completions that end with
+``<|endoftext|>`` within the token limit; ``words``, their mean length in words;
+``carryover``, the share of the opening's names and nouns that the completion uses again
+(the last three averaged over the completions). Once per opening, ``continuation_loss``: the
+model's loss (nats per token) on the true rest of the story, given the opening. The
+completions go to a jsonl file beside the scores.
 """
 
 from __future__ import annotations
@@ -40,19 +30,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import http.client
 import json
 import logging
 import math
 import os
 import re
-import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +44,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from slm.errors import ConfigError, DataError, SlmError, first_line, one_line
+from slm.errors import ConfigError, DataError, SlmError, one_line
+from slm.judge import (
+    GRADES,
+    EndpointJudge,
+    is_url,
+    judge_means,
+    judge_records,
+    load_rubric,
+    make_judge,
+)
+from slm.measures import carryover, distinct_n, mean, repeat_rate, words
 from slm.model import GPT, KVCache
 from slm.precision import inference_autocast
 from slm.sample import _next_token, check_sampling  # generate()'s sampling, exactly
@@ -68,7 +62,6 @@ from slm.sample import _next_token, check_sampling  # generate()'s sampling, exa
 log = logging.getLogger(__name__)
 
 MODES = ("greedy", "sampled")
-GRADES = ("grammar", "consistency", "creativity", "plot")
 MODE_KEYS = (
     "distinct_1", "distinct_2", "distinct_3", "repeat_4gram", "eot_rate", "words", "carryover",
     *(f"judge_{g}" for g in (*GRADES, "mean")),
@@ -80,7 +73,6 @@ COLUMNS = (
     "judge_parse_failures",
     "judge_request_failures",
 )
-DEFAULT_RUBRIC = Path(__file__).resolve().parent.parent / "conf" / "judge_rubric.txt"
 MAX_BATCH = 64  # completions generated together at most (the KV cache grows with the batch)
 
 
@@ -154,147 +146,6 @@ def pick_openings(
     if len(picked) < n:
         log.warning("stories=%d, but only %d held-out stories have an opening", n, len(picked))
     return picked
-
-
-# -- measures --------------------------------------------------------------------------------
-
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
-_UNIT = re.compile(r"[a-z0-9]+(?:'[a-z]+)*|\n|[^\sa-z0-9]")
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased words (letters, digits, inner apostrophes); punctuation is dropped."""
-    return _WORD.findall(text.lower().replace("’", "'"))
-
-
-def units(text: str) -> list[str]:
-    """What the n-grams of ``distinct_n`` and ``repeat_rate`` are made of: the words, each
-    punctuation mark and each line break (a model that loops on "\\n" or "!" repeats too)."""
-    return _UNIT.findall(text.lower().replace("’", "'"))
-
-
-def ngrams(seq: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(seq[i:] for i in range(n))))
-
-
-def distinct_n(texts: Iterable[str], n: int) -> float | None:
-    """Distinct n-grams / all n-grams of ``units`` over ``texts`` together (None: none)."""
-    grams = [g for t in texts for g in ngrams(units(t), n)]
-    return len(set(grams)) / len(grams) if grams else None
-
-
-def repeat_rate(text: str, n: int = 4) -> float | None:
-    """The share of ``text``'s n-grams of ``units`` that repeat an earlier one (None: none)."""
-    grams = ngrams(units(text), n)
-    return 1 - len(set(grams)) / len(grams) if grams else None
-
-
-DETERMINERS = frozenset(
-    "a an the his her their my your its our this that these those some every another".split()
-)
-# Skipped between a determiner and its noun ("a little red ball" -> ball, "a three year old
-# girl" -> girl), as are the words with an adjective's ending (``_ADJECTIVE_END``) before
-# another word ("a clumsy rabbit").
-ADJECTIVES = frozenset(
-    """little big small tiny huge old young new happy sad angry scared kind nice good bad best
-    pretty beautiful shiny red blue green yellow pink purple orange brown black white gray grey
-    gold golden long tall short fast slow soft hard warm cold hot dark bright fluffy funny silly
-    brave friendly special favorite clever smart curious lonely great sunny magic magical
-    colorful wise strong busy hungry sleepy lazy gentle cute wet dry clean dirty loud quiet
-    shy excited fun lovely sweet tasty yummy fancy rich poor sick tired proud very really so
-    too two three four five six seven eight nine ten year years""".split()
-)
-_ADJECTIVE_END = re.compile(r"(?:y|ful|ous|ive|ish|less|al|ic|ed)$")
-# Never names, though capitalized at the start of a sentence; never nouns.
-FUNCTION_WORDS = frozenset(
-    """i me he she it we they you him them us his her its our their my your mine yours
-    a an the this that these those some every another any all each no not
-    and but or so if then than because when while after before as at by for from in into of
-    off on onto out over to under up upon with without about around through
-    once one there here where what who why how which today yesterday tomorrow now later soon
-    suddenly finally first next last also too very just only again always never sometimes
-    is are was were be been being am do does did done has have had can could will would
-    shall should may might must let lets let's yes no oh wow hello hi bye please thank thanks
-    okay ok look come go see named called""".split()
-)
-# Common verbs of TinyStories' first sentences: what follows a noun, never an adjective's noun.
-VERBS = frozenset(
-    """said saw went ran sat played looked wanted liked loved found got made took came lived
-    jumped walked lost gave told asked says sees goes runs sits plays looks wants likes loves
-    finds gets makes takes comes lives jumps walks loses gives tells asks""".split()
-)
-# Nouns that set a scene rather than name a thing to carry on ("once upon a time").
-FILLER_NOUNS = frozenset("time day night morning lot bit way while kind thing things".split())
-_WORD_CASED = re.compile(r"[A-Za-z]+(?:['’][a-z]+)*")
-
-
-def names_and_nouns(text: str) -> list[str]:
-    """The names and nouns of ``text`` by a plain heuristic, in order, without repeats:
-
-    - a name is a capitalized word that is no function word ("Lily", "Max", "Mom"; not
-      "Once", "She", "The");
-    - a noun is the word after a determiner (a, the, his, ...), past up to three adjectives
-      (common ones, and words ending like one, -y, -ful, -ous, ..., before another word: "a
-      little girl" -> girl, "a clumsy rabbit" -> rabbit), unless it is a function or filler
-      word ("a time").
-
-    Pronouns are not followed (a completion that says "she" for Lily does not carry Lily),
-    and nouns without a determiner ("birds sang") are missed."""
-    tokens = _WORD_CASED.findall(text)
-    found: list[str] = []
-    for i, w in enumerate(tokens):
-        low = w.lower().replace("’", "'")
-        if w[0].isupper() and low not in FUNCTION_WORDS and low not in ADJECTIVES:
-            found.append(w)
-        elif low in DETERMINERS:
-            j = i + 1
-            while j + 1 < len(tokens) and j - i <= 3 and _adjective(tokens[j], tokens[j + 1]):
-                j += 1
-            noun = tokens[j].lower() if j < len(tokens) else ""
-            if noun and tokens[j].islower() and noun not in FUNCTION_WORDS | VERBS | FILLER_NOUNS:
-                found.append(tokens[j])
-    return list(dict.fromkeys(found))
-
-
-def _adjective(word: str, following: str) -> bool:
-    low = word.lower()
-    if low in ADJECTIVES:
-        return True
-    # A noun may follow ("a clumsy rabbit"), not a verb ("the puppy jumped").
-    noun = following.islower() and following not in FUNCTION_WORDS | VERBS
-    noun = noun and not following.endswith("ed")
-    return noun and bool(_ADJECTIVE_END.search(low)) and low not in FUNCTION_WORDS
-
-
-def _forms(word: str) -> set[str]:
-    """A word's singular and plural forms (ball/balls, box/boxes, puppy/puppies)."""
-    w = word.lower()
-    forms = {w, w + "s", w + "es"}
-    if w.endswith("ies"):
-        forms.add(w[:-3] + "y")
-    if w.endswith("y"):
-        forms.add(w[:-1] + "ies")
-    for suffix in ("es", "s"):
-        if w.endswith(suffix):
-            forms.add(w[: -len(suffix)])
-    return forms
-
-
-def carryover(opening: str, completion: str) -> tuple[float | None, list[str], list[str]]:
-    """The share of ``opening``'s names and nouns that ``completion`` uses again (in either
-    number, any case), with the carried and the dropped ones; None when the opening has none."""
-    terms = names_and_nouns(opening)
-    if not terms:
-        return None, [], []
-    present = set(words(completion))
-    carried = [t for t in terms if _forms(t) & present]
-    dropped = [t for t in terms if t not in carried]
-    return len(carried) / len(terms), carried, dropped
-
-
-def _mean(values: Iterable) -> float | None:
-    values = [float(v) for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 # -- completing the openings -----------------------------------------------------------------
@@ -464,10 +315,10 @@ def summarize(records: Sequence[dict], losses: Sequence[tuple[float, int]]) -> d
         out[mode] = {
             "completions": len(rs),
             **{f"distinct_{k}": distinct_n(texts, k) for k in (1, 2, 3)},
-            "repeat_4gram": _mean(r["repeat_4gram"] for r in rs),
-            "eot_rate": _mean(r["ended"] for r in rs),
-            "words": _mean(r["words"] for r in rs),
-            "carryover": _mean(r["carryover"] for r in rs),
+            "repeat_4gram": mean(r["repeat_4gram"] for r in rs),
+            "eot_rate": mean(r["ended"] for r in rs),
+            "words": mean(r["words"] for r in rs),
+            "carryover": mean(r["carryover"] for r in rs),
         }
     return out
 
@@ -508,285 +359,6 @@ def completions_path(ckpt: str | Path) -> Path:
     ``my-model.stories.jsonl``)."""
     ckpt = Path(ckpt).expanduser()
     return ckpt.parent / f"{ckpt.stem if ckpt.is_file() else ckpt.name}.stories.jsonl"
-
-
-# -- the judge -------------------------------------------------------------------------------
-
-
-class JudgeUnavailable(SlmError):
-    """No answer from the judge after the retries (timeouts, refused connections, 5xx)."""
-
-
-class MalformedReply(SlmError):
-    """An answer that is not a chat completion (not JSON, or no message in it)."""
-
-
-def load_rubric(path: str | Path | None) -> str:
-    """The rubric prompt: ``{opening}`` and ``{completion}`` are filled in for each
-    completion (other braces are left alone)."""
-    path = Path(path).expanduser() if path else DEFAULT_RUBRIC
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"suite.rubric={path}: cannot read it ({e.strerror})") from e
-    if "{completion}" not in text:
-        raise ConfigError(
-            f"suite.rubric={path} has no {{completion}} placeholder: the judge would not see "
-            "the story; add {opening} and {completion} where they belong"
-        )
-    return text
-
-
-def judge_prompt(rubric: str, opening: str, completion: str) -> str:
-    values = {"opening": opening.strip(), "completion": completion.strip()}
-    return re.sub(r"\{(opening|completion)\}", lambda m: values[m[1]], rubric)
-
-
-def _json_objects(text: str):
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            yield obj
-
-
-def _score(value) -> float | None:
-    if isinstance(value, str):
-        m = re.match(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*$", value)
-        value = float(m[1]) if m else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if 1 <= value <= 10 else None
-
-
-def parse_grades(reply: str) -> dict[str, dict] | None:
-    """``{criterion: {"score", "reason"}}`` for the four criteria, from a judge's reply: a JSON
-    object (anywhere in the reply: code fences and prose around it are fine) of
-    ``{"grammar": {"score": 7, "reason": "..."}, ...}`` or ``{"grammar": 7, ...}``, else
-    lines like ``Grammar: 7/10 - reason``. None unless all four have a score in [1, 10]."""
-    for obj in _json_objects(reply):
-        lower = {str(k).lower(): v for k, v in obj.items()}
-        grades = {}
-        for g in GRADES:
-            v = lower.get(g)
-            score = _score(v.get("score") if isinstance(v, dict) else v)
-            if score is not None:
-                reason = v.get("reason", "") if isinstance(v, dict) else ""
-                grades[g] = {"score": score, "reason": str(reason)}
-        if len(grades) == len(GRADES):
-            return grades
-    grades = {}
-    for g in GRADES:
-        m = re.search(
-            rf"^\W*{g}\W*?(\d+(?:\.\d+)?)\s*(?:/\s*10)?(?:\s*[-–—:.,;]\s*|\s+)?(.*)$",
-            reply, re.IGNORECASE | re.MULTILINE,
-        )  # fmt: skip
-        if m and _score(float(m[1])) is not None:
-            grades[g] = {"score": float(m[1]), "reason": m[2].strip()}
-    return grades if len(grades) == len(GRADES) else None
-
-
-class EndpointJudge:
-    """An OpenAI-compatible server: ``POST {url}/chat/completions`` (stdlib HTTP), at
-    temperature 0. ``url`` is the base URL as the openai client takes it
-    (``http://host:port/v1``; a bare ``http://host:port`` gets ``/v1``)."""
-
-    def __init__(
-        self,
-        url: str,
-        model: str | None = None,
-        timeout: float = 60,
-        retries: int = 2,
-        max_tokens: int = 300,
-        api_key: str | None = None,
-    ) -> None:
-        base = url.rstrip("/")
-        if urllib.parse.urlsplit(base).path == "":
-            base += "/v1"
-        self.url, self.timeout, self.retries, self.max_tokens = base, timeout, retries, max_tokens
-        self.api_key = api_key
-        self.model = model or self._first_model()
-
-    def _request(self, path: str, body: dict | None = None) -> dict:
-        """One request, retried ``retries`` times after a timeout, a refused connection or a
-        5xx/429 answer (waiting 0.25 s, 0.5 s, ... between tries)."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode() if body is not None else None
-        error: BaseException | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(0.25 * 2 ** (attempt - 1), 8.0))
-            request = urllib.request.Request(self.url + path, data=data, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:  # the request itself is wrong: no retry
-                    detail = e.read()[:200].decode("utf-8", "replace")
-                    raise JudgeUnavailable(
-                        f"{self.url}{path} answered HTTP {e.code}: {detail}"
-                    ) from None
-                error = e
-            except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as e:
-                error = e
-            else:
-                try:
-                    return json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise MalformedReply(f"not JSON ({first_line(e)}): {raw[:200]!r}") from e
-        reason = getattr(error, "reason", None) or error
-        raise JudgeUnavailable(
-            f"no answer from {self.url}{path} after {self.retries + 1} tries "
-            f"(timeout {self.timeout} s): {type(reason).__name__}: {first_line(reason)}"
-        )
-
-    def _first_model(self) -> str:
-        try:
-            return str(self._request("/models")["data"][0]["id"])
-        except (MalformedReply, JudgeUnavailable, KeyError, IndexError, TypeError) as e:
-            raise ConfigError(
-                f"judge={self.url}: could not list its models ({first_line(e)}); check that the "
-                "server runs there, or name the model with suite.judge_model=NAME"
-            ) from e
-
-    def complete(self, prompt: str) -> str:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "max_tokens": self.max_tokens,
-        }
-        answer = self._request("/chat/completions", body)
-        try:
-            content = answer["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise MalformedReply(f"no choices[0].message.content in {str(answer)[:200]}") from None
-        if not isinstance(content, str):
-            raise MalformedReply(f"choices[0].message.content is {type(content).__name__}")
-        return content
-
-    def __str__(self) -> str:
-        return f"{self.url} ({self.model})"
-
-
-class LocalJudge:
-    """A ``transformers`` causal LM directory, loaded from local files only, greedy; the
-    prompt goes through the tokenizer's chat template when it has one."""
-
-    def __init__(self, path: str | Path, device: str | torch.device, max_tokens: int = 300):
-        from slm.export import _import  # transformers is the hf extra
-
-        transformers = _import("transformers")
-        self.path, self.max_tokens = Path(path), max_tokens
-        try:
-            self.tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype="auto"
-            )
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"judge={path}: not a transformers causal LM ({first_line(e)})"
-            ) from e
-        self.model.to(device).eval()
-        self.device = device
-        c = self.model.config
-        self.context = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 0)
-
-    @torch.inference_mode()
-    def complete(self, prompt: str) -> str:
-        tok = self.tok
-        if getattr(tok, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-        else:
-            ids = tok(prompt, return_tensors="pt").input_ids
-        if self.context and ids.size(1) + self.max_tokens > self.context:
-            raise ConfigError(
-                f"judge={self.path}: the rubric prompt ({ids.size(1)} tokens) and "
-                f"suite.judge_max_tokens={self.max_tokens} do not fit its context of "
-                f"{self.context} tokens; use a judge with a longer context or a shorter rubric"
-            )
-        ids = ids.to(self.device)
-        out = self.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_tokens,
-            do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-        )  # fmt: skip
-        return tok.decode(out[0, ids.size(1) :], skip_special_tokens=True)
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-
-def is_url(target: str) -> bool:
-    return str(target).startswith(("http://", "https://"))
-
-
-def make_judge(target: str, suite: DictConfig, device: str | torch.device = "cpu"):
-    """The judge ``judge=`` names: an ``http(s)://`` base URL or a transformers directory."""
-    if is_url(target):
-        key_env = suite.judge_api_key_env
-        return EndpointJudge(
-            str(target), suite.judge_model, suite.judge_timeout, suite.judge_retries,
-            suite.judge_max_tokens, os.environ.get(key_env) if key_env else None,
-        )  # fmt: skip
-    return LocalJudge(Path(str(target)).expanduser(), device, suite.judge_max_tokens)
-
-
-def judge_records(judge, rubric: str, records: list[dict], workers: int = 1) -> dict:
-    """Grade every record with ``judge`` (adds ``record["judge"]``: the grades, or the error
-    and the reply), and sum up: per mode the mean of each criterion over the graded
-    completions and of the four (``judge_mean``), and the failures. The first completion is
-    graded alone: a judge that does not answer it at all stops here (``JudgeUnavailable``)."""
-
-    def grade(record: dict) -> tuple[dict, str | None]:
-        prompt = judge_prompt(rubric, record["opening"], record["completion"])
-        try:
-            reply = judge.complete(prompt)
-        except JudgeUnavailable as e:
-            return {"error": one_line(e)}, "request"
-        except MalformedReply as e:
-            return {"error": f"malformed answer: {one_line(e)}"}, "parse"
-        grades = parse_grades(reply)
-        if grades is None:
-            return {"error": "no four 1-10 scores in the reply", "reply": reply[:2000]}, "parse"
-        return grades, None
-
-    if not records:
-        return {"judge": str(judge), "judged": 0, "parse_failures": 0, "request_failures": 0}
-    first = grade(records[0])
-    if first[1] == "request":
-        raise JudgeUnavailable(f"judge {judge}: {first[0]['error']}")
-    results = [first]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results += list(_progress(pool.map(grade, records[1:]), len(records) - 1, "judging"))
-    for record, (grades, _) in zip(records, results):
-        record["judge"] = grades
-    failures = [kind for _, kind in results]
-    return {
-        "judge": str(judge),
-        "judged": failures.count(None),
-        "parse_failures": failures.count("parse"),
-        "request_failures": failures.count("request"),
-    }
-
-
-def judge_means(records: Sequence[dict], mode: str) -> dict[str, float | None]:
-    graded = [r["judge"] for r in records if r["mode"] == mode and "error" not in r["judge"]]
-    means = {g: _mean(x[g]["score"] for x in graded) for g in GRADES}
-    overall = _mean(_mean(x[g]["score"] for g in GRADES) for x in graded)
-    return {**{f"judge_{g}": v for g, v in means.items()}, "judge_mean": overall}
-
-
-def _progress(items, total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=total, desc=desc, unit=" stories", disable=None, file=sys.stderr)
 
 
 # -- the suite -------------------------------------------------------------------------------

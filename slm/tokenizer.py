@@ -252,7 +252,7 @@ def _gpt2_pattern() -> str:
     return r50k_pat_str
 
 
-def _fix_surrogates(text: str) -> str:
+def fix_surrogates(text: str) -> str:
     """Lone surrogates (not encodable as UTF-8) as U+FFFD, as tiktoken's encode does."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 

@@ -6,12 +6,19 @@ imports them, and the one hub code path that is tested gets a monkeypatched load
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tiktoken
 import torch
+import yaml
+from omegaconf import OmegaConf
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,7 +104,7 @@ def v2_txt(tinystories_dir: Path) -> Path:
 
 
 def parse_stories(text: str) -> list[str]:
-    """Stories of TinyStories-format text, parsed line by line (independently of slm.prepare):
+    """Stories of TinyStories-format text, parsed line by line (independently of slm.sources):
     a line that is only ``<|endoftext|>`` (give or take whitespace) ends a story; stories are
     stripped and empty ones dropped."""
     stories, lines = [], []
@@ -143,6 +150,79 @@ def make_stories(n: int, seed: int = 0, words: tuple[int, int] = (20, 80)) -> li
 def small_txt(tmp_path: Path) -> Path:
     """A 300-story TinyStories-format file written by the test."""
     return write_txt(tmp_path / "src" / "stories.txt", make_stories(300))
+
+
+# -- prepared bins, as the tests of slm.prepare and slm.sources expect them -------------------
+
+EOT_ID = 50256  # gpt2's <|endoftext|>
+LOCK = ".prepare.lock"  # stays in data.dir: prepares of one dir take turns on it
+
+
+def story_tokens(stories: list[str]) -> list[list[int]]:
+    enc = tiktoken.get_encoding("gpt2")  # loaded once: tiktoken keeps it
+    return [enc.encode_ordinary(s) + [EOT_ID] for s in stories]
+
+
+def held_out(n: int, fraction: float) -> list[bool]:
+    return [math.floor((i + 1) * fraction) > math.floor(i * fraction) for i in range(n)]
+
+
+def expected_bins(stories: list[str], val_fraction: float | None, val: list[str] = ()):
+    """(train ids, val ids): with ``val_fraction`` the held-out stories go to val, else the
+    given ``val`` stories do."""
+    train_ids: list[int] = []
+    val_ids: list[int] = []
+    mask = held_out(len(stories), val_fraction) if val_fraction else [False] * len(stories)
+    for ids, to_val in zip(story_tokens(stories), mask):
+        (val_ids if to_val else train_ids).extend(ids)
+    for ids in story_tokens(list(val)):
+        val_ids.extend(ids)
+    return train_ids, val_ids
+
+
+def read_bin(path: Path) -> list[int]:
+    return np.fromfile(path, dtype=np.uint16).tolist()
+
+
+def assert_bins(out: Path, train: list[int], val: list[int]) -> None:
+    assert read_bin(out / "train.bin") == train
+    assert read_bin(out / "val.bin") == val
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["tokens"] == len(train)
+    assert meta["splits"]["val"]["tokens"] == len(val)
+
+
+def assert_one_line(exc: pytest.ExceptionInfo) -> None:
+    msg = str(exc.value)
+    assert msg and "\n" not in msg, f"error message is not a single line: {msg!r}"
+
+
+def snapshot(out: Path) -> dict[str, tuple[int, int]]:
+    """Which files ``out`` holds (inode, mtime), but for the lock file, which stays."""
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(out.iterdir())
+        if p.name != LOCK
+    }
+
+
+# -- the training config with overrides -------------------------------------------------------
+
+
+@functools.cache
+def train_cfg():
+    from slm.config import compose
+
+    return compose("train")
+
+
+def cfg_with(*overrides: str):
+    """The training config with ``key=value`` overrides (composed once: Hydra is slow)."""
+    cfg = train_cfg().copy()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=True)
+    return cfg
 
 
 # model=tiny tokenizer=bpe on the real V2 piece (its BPE fitted there), at a constant lr
