@@ -122,7 +122,7 @@ class ValidateAtEnd(L.Callback):
 clock = time.perf_counter  # the clock of the throughput and time estimates (tests set it)
 
 
-def _clock(trainer: L.Trainer) -> float:
+def synced_clock(trainer: L.Trainer) -> float:
     """``clock()`` once the device has finished what was queued: a reading that waits for
     the GPU, so only where it is rare."""
     if trainer.strategy.root_device.type == "cuda":
@@ -163,7 +163,7 @@ class SyncFreeThroughputMonitor(ThroughputMonitor):
     @rank_zero_only
     def on_train_batch_start(self, trainer, *_) -> None:
         if self._paused is not None:  # back from a validation: its time is no training time
-            self._t0s[RunningStage.TRAINING] += _clock(trainer) - self._paused
+            self._t0s[RunningStage.TRAINING] += synced_clock(trainer) - self._paused
             self._paused = None
 
     @rank_zero_only
@@ -175,7 +175,7 @@ class SyncFreeThroughputMonitor(ThroughputMonitor):
         batches = self._batches[stage]
         flops = getattr(pl_module, "flops_per_batch", None)
         self._throughputs[stage].update(
-            time=_clock(trainer) - self._t0s[stage],
+            time=synced_clock(trainer) - self._t0s[stage],
             batches=batches,
             samples=self._samples[stage],
             lengths=self._lengths[stage] if self.length_fn else None,
@@ -194,7 +194,7 @@ class SyncFreeThroughputMonitor(ThroughputMonitor):
         if trainer.sanity_checking:
             return
         if trainer.state.fn == TrainerFn.FITTING:
-            self._paused = _clock(trainer)
+            self._paused = synced_clock(trainer)
         stage = RunningStage.VALIDATING
         self._throughputs[stage].reset()
         self._lengths[stage] = self._samples[stage] = self._batches[stage] = 0
@@ -204,7 +204,7 @@ class SyncFreeThroughputMonitor(ThroughputMonitor):
     def on_validation_batch_start(self, trainer, *_, **__) -> None:
         stage = RunningStage.VALIDATING
         if not trainer.sanity_checking and self._t0s.get(stage) is None:
-            self._t0s[stage] = _clock(trainer)
+            self._t0s[stage] = synced_clock(trainer)
 
     @rank_zero_only
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, *_, **__) -> None:
@@ -221,7 +221,7 @@ class SyncFreeThroughputMonitor(ThroughputMonitor):
         throughput.update(time=0.0, batches=0, samples=0, lengths=lengths and 0, flops=0)
         flops = getattr(pl_module, "val_flops_per_sample", None)
         throughput.update(
-            time=_clock(trainer) - self._t0s[stage],
+            time=synced_clock(trainer) - self._t0s[stage],
             batches=self._batches[stage],
             samples=self._samples[stage],
             lengths=lengths,
@@ -260,7 +260,7 @@ class StopOnSignal(L.Callback):
     requeue handler listens to: submitit's (SIGUSR2, ``hydra/launcher=submitit_slurm``) or
     Lightning's SLURM auto-requeue (SIGUSR1). Where one is installed, its signal stops the run
     the same way and then goes on to that handler, which requeues the job; the requeued job
-    resumes from this ``last.ckpt`` (``slm.train.resolve_ckpt_path``)."""
+    resumes from this ``last.ckpt`` (``slm.resume.resolve_ckpt_path``)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     REQUEUE = tuple(getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n))
@@ -391,7 +391,7 @@ class TimeToMaxSteps(L.Callback):
         if self.estimate is None:
             self._val_batches += 1
             if self._val_batches == 1:
-                self._val_first = _clock(trainer)
+                self._val_first = synced_clock(trainer)
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -399,7 +399,7 @@ class TimeToMaxSteps(L.Callback):
         if self.estimate is not None or n == 0:
             return
         if n > 1:  # from the end of the first batch, scaled to all of them
-            self.val_seconds = (_clock(trainer) - self._val_first) * n / (n - 1)
+            self.val_seconds = (synced_clock(trainer) - self._val_first) * n / (n - 1)
         else:
             self.val_seconds = self._val_first - self._paused
 
@@ -418,7 +418,7 @@ class TimeToMaxSteps(L.Callback):
         self._tokens += batch[0].numel() * trainer.world_size
         if trainer.fit_loop._should_accumulate():
             return
-        step, now = trainer.global_step, _clock(trainer)
+        step, now = trainer.global_step, synced_clock(trainer)
         if self._start is None:  # the first step: what comes after it is timed
             self._start = (now, step, self._tokens)
             return

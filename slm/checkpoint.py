@@ -1,33 +1,29 @@
-"""Checkpoint loading, in one place for train (resume, ``init_from``), evaluate and generate.
+"""Checkpoint files, read and written in one place: ``slm.pt`` (written at the end of
+training, ``save_slm_pt``), Lightning ``.ckpt`` files and sharded checkpoint folders, for
+train (resume, ``init_from``), evaluate, generate, serve and export.
 
-``slm.pt`` (``{"model_args", "model", "step"}``, written by training) and Lightning ``.ckpt``
-files both load as a ``GPTConfig`` and the GPT's state dict, with ``weights_only=True`` (only
+Each loads as a ``GPTConfig`` and the GPT's state dict, with ``weights_only=True`` (only
 tensors and primitives are unpickled); so does a Hugging Face ``transformers`` directory of
-the families ``slm.export`` writes (``slm.export.read_hf``). Every problem is a one-line
-``CheckpointError``. Each also carries its tokenizer (``load_tokenizer``): ``slm.pt`` and
-``.ckpt`` files under ``"tokenizer"`` (``Tokenizer.state()``; gpt2 where there is none), a
-``transformers`` directory as its tokenizer files.
+the families ``slm.hf`` reads. Every problem is a one-line ``CheckpointError``. Each also
+carries its tokenizer (``load_tokenizer``): ``slm.pt`` and ``.ckpt`` files under
+``"tokenizer"`` (``Tokenizer.state()``; gpt2 where there is none), a ``transformers``
+directory as its tokenizer files. Whether a checkpoint fits a run is ``slm.resume``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pickle
 import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, open_dict
 
-from slm import tokenizer
-from slm.errors import CheckpointError, ConfigError, first_line
+from slm import files, tokenizer
+from slm.errors import CheckpointError, first_line
+from slm.hf import read_hf, read_hf_tokenizer
 from slm.model import GPT, GPTConfig
-from slm.tokenizer import Tokenizer, from_state
-
-log = logging.getLogger(__name__)
-
+from slm.tokenizer import Tokenizer
 
 # A sharded checkpoint (strategy=fsdp, strategy.checkpoint=sharded) is a folder: each rank's
 # shards in torch.distributed.checkpoint's format, and the rest of the Lightning checkpoint
@@ -86,8 +82,6 @@ def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     Only tensors and primitives are unpickled (``weights_only=True``)."""
     path = Path(path)
     if is_hf_dir(path):
-        from slm.export import read_hf  # safetensors only where one is read (the hf extra)
-
         return read_hf(path)
     obj = read(path)
     if is_sharded_checkpoint(path) and "hyper_parameters" in obj:
@@ -149,12 +143,10 @@ def read_sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer the checkpoint ``path`` was trained with, ready to encode: the one that
     an ``slm.pt`` or ``.ckpt`` embeds (``gpt2`` for a checkpoint from before tokenizers were
-    stored), or a ``transformers`` directory's (``slm.export.read_hf_tokenizer``). A one-line
+    stored), or a ``transformers`` directory's (``slm.hf.read_hf_tokenizer``). A one-line
     ``SlmError`` for a file that is no checkpoint, or gpt2 offline without its BPE files."""
     path = Path(path)
     if is_hf_dir(path):
-        from slm.export import read_hf_tokenizer
-
         return read_hf_tokenizer(path).load()
     try:  # mapped: the weights are not read
         obj = read(path, mmap=True)
@@ -189,145 +181,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     return model.to(device).eval()
 
 
-# How a resume treats each of GPTModule's hyperparameters that differs from the checkpoint's
-# (check_resume): the model and the optimizer must be the checkpoint's; the schedule too, unless
-# allow_schedule_change; the other optimizer settings apply as given (GPTModule restores the
-# optimizer's state under this run's settings). A run setting that is no hyperparameter
-# (compile) is not in the checkpoint.
-SCHEDULE = ("lr", "min_lr", "warmup_steps", "max_steps", "muon_lr")
-FOLLOWS_THE_RUN = ("fused",)  # a kernel, not a number of the training: never reported
-CONFIG_KEY = {"max_steps": "trainer.max_steps"}
-
-
-def check_resume(
+def save_slm_pt(
     path: str | Path,
-    hparams: dict,
-    allow_schedule_change: bool = False,
+    config: GPTConfig,
+    state: dict[str, torch.Tensor],
+    step: int,
     tokenizer: Tokenizer | None = None,
-    strategy: str = "ddp",
-    data_dir: str | Path | None = None,
-    allow_data_change: bool = False,
 ) -> None:
-    """Before Lightning restores the training checkpoint ``path`` into a ``GPTModule`` built
-    from ``hparams`` (its keyword arguments): the checkpoint must have been trained with
-    ``tokenizer`` (the data's; not checked where None) and hold the same model (every
-    ``GPTConfig`` field) and optimizer, and the same learning-rate ``SCHEDULE`` unless
-    ``allow_schedule_change``; each a one-line error, instead of Lightning's state-dict
-    mismatch listing or a silent lr jump. Other optimizer settings that differ (weight decay,
-    betas, Muon's momentum) are applied, and listed on one warning line. The ``strategy``
-    (``ddp``: the model whole on each device, or ``fsdp``: sharded) must be the checkpoint's:
-    the two keep the optimizer state in different layouts. With ``data_dir``: the data dir
-    too (``check_resume_data``), from the same read of the file."""
-    obj = read(path, mmap=True)  # the weights are not needed: no copy of them
-    stored = obj.get("hyper_parameters")
-    if not isinstance(stored, dict) or "loops" not in obj:
-        raise CheckpointError(
-            f"ckpt_path={path} is not a Lightning training checkpoint (a slm.pt holds weights "
-            "only); resume from a checkpoints/last.ckpt"
-        )
-    written_by = obj.get("strategy", "ddp")  # checkpoints of before FSDP: unsharded
-    if written_by != strategy:
-        raise CheckpointError(
-            f"ckpt_path={path} was written by strategy={written_by}, not strategy={strategy}: "
-            f"resume with strategy={written_by}, or start a new run from its weights with "
-            f"init_from={path}"
-        )
+    """Write ``slm.pt``: ``{"model_args", "model", "step", "tokenizer"}`` (the model config,
+    the GPT's state dict, the optimizer step of those weights and ``Tokenizer.state()``: all
+    that generate, evaluate and export need), whole or not at all (``slm.files``)."""
+    obj = {"model_args": config.to_dict(), "model": state, "step": step}
     if tokenizer is not None:
-        trained_with = from_state(obj.get("tokenizer"), f"ckpt_path={path}")
-        if not trained_with.same_as(tokenizer):
-            raise CheckpointError(
-                f"ckpt_path={path} was trained with tokenizer {trained_with.describe()}, but "
-                f"data.dir holds tokens of {tokenizer.describe()}; resume with the run's "
-                "data.dir and tokenizer settings"
-            )
-    model = {f.name for f in dataclasses.fields(GPTConfig)}
-    # A key that older checkpoints lack had its default then: GPT-2's knobs, AdamW.
-    defaults = {**GPTConfig().to_dict(), "optimizer": "adamw"}
-    changed = {}
-    for key, value in hparams.items():
-        old = stored.get(key, defaults.get(key, value))
-        if _plain(old) != _plain(value):
-            changed[key] = old, value
-    wrong = [f"model.{k}={old} (config: {new})" for k, (old, new) in changed.items() if k in model]
-    if wrong:
-        raise CheckpointError(
-            f"ckpt_path={path} holds another model: {', '.join(wrong)}; resume with the "
-            "checkpoint's model settings"
-        )
-    if "optimizer" in changed:
-        old, new = changed["optimizer"]
-        raise CheckpointError(
-            f"ckpt_path={path} was trained with optim={old}, not optim={new}: its optimizer "
-            f"state cannot go on in another; resume with optim={old}"
-        )
-    schedule = [f"{k}: {old} -> {new}" for k, (old, new) in changed.items() if k in SCHEDULE]
-    if schedule and not allow_schedule_change:
-        raise CheckpointError(
-            f"ckpt_path={path} was trained on another schedule ({'; '.join(schedule)}): resuming "
-            "would jump the learning rate; keep the run's values, or pass "
-            "allow_schedule_change=true to go on with the new schedule from the checkpoint's step"
-        )
-    applied = [
-        f"{CONFIG_KEY.get(k, 'optim.' + k)}={new} (checkpoint: {old})"
-        for k, (old, new) in changed.items()
-        if k not in model and k not in FOLLOWS_THE_RUN
-    ]
-    if applied:
-        rank_zero_only(log.warning)("resuming with %s", ", ".join(applied))
-    if data_dir is not None:
-        _check_data_dir(obj, path, data_dir, allow_data_change)
-
-
-def _plain(value):
-    """Lists and tuples alike (``betas`` is either, depending on where it came from)."""
-    return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-def check_resume_data(path: str | Path, data_dir: str | Path, allow_change: bool = False) -> None:
-    """Resuming the training checkpoint ``path`` on another ``data.dir`` than it was trained
-    on would switch the validation set and mix two sets' losses in ``best_val_loss``: a
-    one-line ``CheckpointError``, unless ``allow_change``. Checkpoints that do not record
-    their data dir pass."""
-    # No copy of the weights (of a sharded folder: its meta.pt).
-    _check_data_dir(read(path, mmap=True), path, data_dir, allow_change)
-
-
-def _check_data_dir(obj: dict, path, data_dir: str | Path, allow_change: bool) -> None:
-    trained_on = (obj.get("TokenDataModule") or {}).get("dir")
-    here = Path(data_dir).expanduser().resolve()
-    if trained_on and Path(trained_on) != here and not allow_change:
-        raise CheckpointError(
-            f"ckpt_path={path} was trained on data.dir={trained_on}, not {here}: the validation "
-            "set would change and best_val_loss would mix the two; resume with "
-            f"data.dir={trained_on}, or pass allow_data_change=true to go on with the new data"
-        )
-
-
-def apply_init_from(cfg: DictConfig, overrides: dict[str, str]) -> GPT | None:
-    """``init_from=PATH`` (a ``slm.pt``, a Lightning ``.ckpt`` or a ``transformers``
-    directory): its GPT, whose config replaces ``cfg.model`` (all but ``dropout``, a setting
-    of the training run). A ``model.*`` value set on the command line (``overrides``: key ->
-    the override, ``slm.config.model_overrides``) that differs is a one-line ``ConfigError``.
-    With ``ckpt_path`` too (resuming a run that started from ``init_from``), the weights
-    come from the checkpoint and only the config from ``init_from``."""
-    path = cfg.get("init_from")
-    if not path:
-        return None
-    try:
-        model = load_model(Path(str(path)).expanduser())
-    except CheckpointError as e:
-        raise CheckpointError(f"init_from={path}: {e}") from e
-    arch = {k: v for k, v in model.config.to_dict().items() if k != "dropout"}
-    clash = [
-        f"{overrides[k]} (init_from has {k}={arch[k]})"
-        for k in overrides
-        if k in arch and cfg.model.get(k) != arch[k]
-    ]
-    if clash:
-        raise ConfigError(
-            f"init_from={path} fixes the model, but {'; '.join(clash)}; drop the override "
-            "(only model.dropout may differ)"
-        )
-    with open_dict(cfg):
-        cfg.model.update(arch)
-    return model
+        obj["tokenizer"] = tokenizer.state()
+    files.save_torch(path, obj)

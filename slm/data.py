@@ -247,7 +247,7 @@ class TokenDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         """What the checkpoint records of the data: the dir it trains and validates on (a
-        resume on another is refused, ``checkpoint.check_resume_data``), the global batch (the
+        resume on another is refused, ``resume.check_resume_data``), the global batch (the
         windows each optimizer step draws from ``(seed, step)``) and its factors on this run."""
         t = self.trainer
         world, accumulate = (t.world_size, t.accumulate_grad_batches) if t is not None else (1, 1)

@@ -198,9 +198,9 @@ class LocalJudge:
     prompt goes through the tokenizer's chat template when it has one."""
 
     def __init__(self, path: str | Path, device: str | torch.device, max_tokens: int = 300):
-        from slm.export import _import  # transformers is the hf extra
+        from slm.hf import require  # transformers is the hf extra
 
-        transformers = _import("transformers")
+        transformers = require("transformers")
         self.path, self.max_tokens = Path(path), max_tokens
         try:
             self.tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)

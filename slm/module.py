@@ -208,7 +208,7 @@ class GPTModule(L.LightningModule):
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.state()
         # Sharded (fsdp) or not (one device, ddp): the optimizer state's layout, which a
-        # resume must share (slm.checkpoint.check_resume).
+        # resume must share (slm.resume.check_resume).
         checkpoint["strategy"] = "fsdp" if is_sharded(self.model) else "ddp"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

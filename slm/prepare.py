@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from slm import tokenizer
+from slm import files, tokenizer
 from slm.errors import DataError, override, run_cli
 from slm.sources import (
     DEFAULT_SOURCE,
@@ -549,7 +549,7 @@ def prepare(
             _remove_stale_temporaries(out)
         (out / "meta.json").unlink(missing_ok=True)  # old bins are untrusted from here on
         if isinstance(tok, BPETokenizer):
-            _write_atomic(out / "tokenizer.json", tok.json)
+            files.write_text(out / "tokenizer.json", tok.json)
         else:
             (out / "tokenizer.json").unlink(missing_ok=True)
         stats = _write_splits(splits, out, val_fraction, tok)
@@ -568,7 +568,7 @@ def prepare(
             "max_stories": max_stories,
             "splits": stats,
         }
-        _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+        files.write_json(out / "meta.json", meta)
     return meta
 
 
@@ -602,16 +602,6 @@ def _mismatch(
     config = want if isinstance(want, dict) else {"name": want.name}
     fix = prepare_command(out, src, val_fraction, config, max_stories)
     return message + use + fix + " (or choose another data.dir)"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path`` under a temporary name of its own, renamed when complete."""
-    tmp = _temp_name(path.parent, path.name)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def tokenize(source: str, path: str | Path, tokenizer: Tokenizer | None = None) -> dict:

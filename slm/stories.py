@@ -27,13 +27,10 @@ completions go to a jsonl file beside the scores.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -44,6 +41,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from slm import files
 from slm.errors import ConfigError, DataError, SlmError, one_line
 from slm.judge import (
     GRADES,
@@ -337,16 +335,9 @@ def flat(summary: dict) -> dict[str, float]:
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
     """The records, one JSON object a line, written whole (a temporary file, then renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        files.write_jsonl(path, records)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise ConfigError(
             f"cannot write the completions to {path} ({e.strerror}); choose another file "
             "with stories_out=PATH"

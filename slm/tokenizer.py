@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from slm import files
 from slm.errors import ConfigError, SlmError, first_line
 
 NAME = "gpt2"
@@ -119,9 +120,10 @@ class Tokenizer:
     def same_as(self, other: Tokenizer) -> bool:
         return (self.name, self.sha256) == (other.name, other.sha256)
 
-    def save_hf(self, directory: str | Path, model_max_length: int) -> list[str]:
-        """Write it as Hugging Face tokenizer files into ``directory``; the names written."""
-        return save_hf_tokenizer(directory, model_max_length)
+    @property
+    def ranks(self) -> dict[bytes, int]:
+        """Its BPE: each token's bytes -> its id (a merge's priority is the id it makes)."""
+        return get_encoding()._mergeable_ranks
 
 
 @functools.cache
@@ -156,7 +158,7 @@ def _encode_stories(enc: tiktoken.Encoding, eot_id: int, stories: Sequence[str])
     return np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.uint16)
 
 
-# -- the same tokenizer as Hugging Face files -----------------------------------------------
+# -- byte-level BPE as text (Hugging Face files) ---------------------------------------------
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -171,7 +173,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(chars.items()))
 
 
-def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+def last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     """The two tokens whose merge made ``token``: tiktoken's BPE run on ``token``'s bytes with
     only the merges of lower rank (the lowest-ranked adjacent pair first), which stops at
     exactly two parts for every token that the BPE can build."""
@@ -185,56 +187,6 @@ def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     if len(parts) != 2:
         raise SlmError(f"gpt2 token {token!r} (rank {rank}) is not a merge of two tokens")
     return parts[0], parts[1]
-
-
-def save_hf_tokenizer(directory: str | Path, model_max_length: int) -> list[str]:
-    """Write the gpt2 encoding as the Hugging Face GPT-2 tokenizer files into ``directory``
-    (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``),
-    built from tiktoken's own ranks, so ``AutoTokenizer.from_pretrained`` encodes as tiktoken
-    does, ``<|endoftext|>`` included. Returns the names of the files written.
-
-    A token's id is its rank; a merge's priority is the rank of the token it makes, so the
-    merges, listed in rank order, make the BPE pick the same pair as tiktoken at every step."""
-    enc = get_encoding()
-    ranks: dict[bytes, int] = enc._mergeable_ranks
-    chars = bytes_to_unicode()
-
-    def text(token: bytes) -> str:
-        return "".join(chars[b] for b in token)
-
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    vocab[EOT] = EOT_ID
-    merges = [
-        " ".join(map(text, _last_merge(ranks, token)))
-        for token, _ in sorted(ranks.items(), key=lambda kv: kv[1])
-        if len(token) > 1
-    ]
-    special = {"content": EOT, "lstrip": False, "normalized": True, "rstrip": False}
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": model_max_length,
-        "add_prefix_space": False,
-        "add_bos_token": False,
-        # tiktoken decodes to the exact text; HF's clean-up would drop spaces before punctuation.
-        "clean_up_tokenization_spaces": False,
-        "bos_token": EOT,
-        "eos_token": EOT,
-        "unk_token": EOT,
-        "added_tokens_decoder": {str(EOT_ID): {**special, "single_word": False, "special": True}},
-    }
-    directory = Path(directory)
-    files = {
-        "vocab.json": json.dumps(vocab, ensure_ascii=False),
-        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
-        "special_tokens_map.json": json.dumps(
-            {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}, indent=2
-        )
-        + "\n",
-    }
-    for name, content in files.items():
-        (directory / name).write_text(content, encoding="utf-8")
-    return list(files)
 
 
 # -- tokenizer=bpe: a byte-level BPE fitted to the data ---------------------------------------
@@ -313,7 +265,7 @@ def _parse_bpe(text: str) -> tuple[dict[bytes, int], int]:
         a, b = merge.split(" ") if isinstance(merge, str) else merge
         left, right = bytes(byte_of[c] for c in a), bytes(byte_of[c] for c in b)
         rank = ranks.get(left + right)
-        if rank is None or rank <= last or _last_merge(ranks, left + right) != (left, right):
+        if rank is None or rank <= last or last_merge(ranks, left + right) != (left, right):
             raise bad(f"its merge {a!r} + {b!r} is not in id order as tiktoken merges")
         last = rank
     if len(merges) != len(ranks) - 256:
@@ -384,22 +336,9 @@ class BPETokenizer(Tokenizer):
     def describe(self) -> str:
         return f"bpe ({self.vocab_size:,} tokens, sha256 {self.sha256[:8]})"
 
-    def save_hf(self, directory: str | Path, model_max_length: int) -> list[str]:
-        """``tokenizer.json`` (this file, byte for byte) and ``tokenizer_config.json``: what
-        ``AutoTokenizer.from_pretrained`` reads as a fast tokenizer that encodes and decodes as
-        this one, ``<|endoftext|>`` being its bos/eos token (no token is added to a text)."""
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": model_max_length,
-            "clean_up_tokenization_spaces": False,  # decode to the exact text
-            "bos_token": EOT,
-            "eos_token": EOT,
-            "unk_token": EOT,
-        }
-        directory = Path(directory)
-        (directory / "tokenizer.json").write_text(self.json, encoding="utf-8")
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return ["tokenizer.json", "tokenizer_config.json"]
+    @property
+    def ranks(self) -> dict[bytes, int]:
+        return self._ranks
 
 
 def train_bpe(batches: Iterable[Sequence[str]], vocab_size: int) -> BPETokenizer:
@@ -502,7 +441,7 @@ def seed_tiktoken_cache(folder: str | Path, cache_dir: str | Path | None = None)
     ``cache_dir`` (default: ``tiktoken_cache_dir()``) under the names tiktoken looks for (the
     SHA-1 of each file's download URL), after checking each file's SHA-256, so that the
     ``gpt2`` encoding loads with no network. Both files are checked before either is
-    written; each is written under a temporary name and renamed. Returns the paths written."""
+    written; each is written whole (``slm.files``). Returns the paths written."""
     folder = Path(folder).expanduser()
     cache = Path(cache_dir).expanduser() if cache_dir else tiktoken_cache_dir()
     contents = {}
@@ -527,9 +466,7 @@ def seed_tiktoken_cache(folder: str | Path, cache_dir: str | Path | None = None)
         cache.mkdir(parents=True, exist_ok=True)
         for name, data in contents.items():
             key = hashlib.sha1(f"{GPT2_FILES_URL}/{name}".encode()).hexdigest()
-            tmp = cache / f"{key}.{os.getpid()}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, cache / key)
+            files.write_bytes(cache / key, data)
             written.append(cache / key)
     except OSError as e:
         raise SlmError(

@@ -1,22 +1,19 @@
 """``train(cfg)``: build the data, model and Lightning Trainer from a config and fit.
 
 Kept apart from the ``@hydra.main`` entry (``train.py``) so tests and sweepers call it with a
-composed config. Fills the run directory with TensorBoard logs (``tb/``), ``checkpoints/``
-(best by ``val/loss`` and ``last.ckpt``), ``slm.pt``, ``loss.png`` and ``metrics.json``, and,
-after a completed run, the story suite's completions of ``slm.pt`` (``slm.stories.jsonl``)
-with its numbers in ``metrics.json`` and TensorBoard.
+composed config. The checks before a run are here (``check_start``; whether a checkpoint fits
+it: ``slm.resume``); what it leaves in its run dir (TensorBoard logs in ``tb/``,
+``checkpoints/``, ``slm.pt``, ``loss.png``, ``metrics.json``, the story suite's
+``slm.stories.jsonl``) is written by ``slm.outputs``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -37,26 +34,19 @@ from slm.callbacks import (
     TimeToMaxSteps,
     ValidateAtEnd,
 )
-from slm.checkpoint import (
-    apply_init_from,
-    check_resume,
-    is_sharded_checkpoint,
-    load_checkpoint,
-    load_model,
-    load_tokenizer,
-    read,
-)
+from slm.checkpoint import load_tokenizer
 from slm.config import command_line, model_overrides, resolve_hardware, validate
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.model import GPT
 from slm.module import GPTModule
+from slm.outputs import deferred_signals, story_suite, write_outputs
 from slm.precision import trainer_precision
 from slm.prepare import prepare, read_tokenizer
+from slm.resume import apply_init_from, check_resume, resolve_ckpt_path
 from slm.rundir import run_dir_lock
 from slm.strategy import (
     agree_on_start,
-    full_state_dict,
     is_sharded,
     launched_outside,
     trainer_strategy,
@@ -69,7 +59,6 @@ log = logging.getLogger(__name__)
 # Training FLOPs above which a run on a CPU takes more than about an hour (2 cores do some
 # 4e10 FLOP/s): model=small's 5000 steps are 7e15, experiment=quickstart's 2e13.
 GPU_SIZED = 1e14
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TRAINER_ARGS = set(inspect.signature(L.Trainer.__init__).parameters)
 
 
@@ -83,36 +72,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not inside a Hydra app
         return Path("outputs", time.strftime("%Y-%m-%d/%H-%M-%S")).resolve()
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """The checkpoint to resume: ``ckpt_path`` (``last``: this run dir's ``last.ckpt``), or,
-    in a job that SLURM requeued (preempted, or out of time under
-    ``hydra/launcher=submitit_slurm``), the ``last.ckpt`` its first run left. A checkpoint is
-    a file, or a sharded folder."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    found = last.is_file() or is_sharded_checkpoint(last)
-    if not ckpt_path:
-        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-        if restarts.isdigit() and int(restarts) > 0 and found:
-            rank_zero_only(log.info)(
-                "SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming from %s", restarts, last
-            )
-            return str(last)
-        return None
-    if ckpt_path == "last":  # this run's own: another run's (or sweep job's) is never taken
-        if not found:
-            raise ConfigError(
-                f"ckpt_path=last: there is no {last}; resume in the run's own directory "
-                "(hydra.run.dir=outputs/DATE/TIME ckpt_path=last) or give ckpt_path=PATH"
-            )
-        return str(last)
-    path = Path(ckpt_path).expanduser()
-    if not (path.is_file() or is_sharded_checkpoint(path)):
-        raise ConfigError(
-            f"ckpt_path={ckpt_path}: no such checkpoint file (or sharded checkpoint folder)"
-        )
-    return str(path.resolve())
 
 
 def module_args(cfg: DictConfig) -> dict:
@@ -192,7 +151,7 @@ def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except (SlmError, FloatingPointError) as e:
-        if not _in_multirun() or isinstance(e, SweepError):
+        if not in_multirun() or isinstance(e, SweepError):
             fail(e, log)
         log.error("error: %s", one_line(e))
         return FailedJob(one_line(e))
@@ -202,7 +161,8 @@ class SweepError(ConfigError):
     """A mistake in how a ``-m`` sweep is launched: every job would fail the same way."""
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
+    """Whether this is a job of a Hydra ``-m`` sweep (tests set it)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -222,7 +182,7 @@ def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | Non
     validate(cfg)
     stories.check(cfg)  # the suite runs at the end: its settings are checked at the start
     check_trainer_args(dict(cfg.trainer))
-    if _in_multirun() and launched_outside(cfg) is None and (world_size(cfg) or 1) > 1:
+    if in_multirun() and launched_outside(cfg) is None and (world_size(cfg) or 1) > 1:
         # Lightning's launcher starts the other ranks by running this command again: the
         # whole sweep, in every process.
         raise SweepError(
@@ -354,39 +314,6 @@ def _fit(
     return float(score) if score is not None else math.nan
 
 
-def story_suite(
-    cfg: DictConfig, run_dir: Path, val_bin: Path, trainer: L.Trainer, tok: Tokenizer
-) -> None:
-    """The story suite (``slm.stories``) on ``slm.pt`` (the best weights, trained with the
-    data's tokenizer ``tok``), with ``stories`` openings of the held-out split: its numbers go
-    into ``metrics.json`` (``"stories"``) and TensorBoard (``stories/*``), the completions
-    into ``slm.stories.jsonl``. A judge that fails is recorded there
-    (``stories.judge.error``); the run stays completed."""
-    ckpt = run_dir / "slm.pt"
-    if not ckpt.exists():
-        return
-    device = trainer.strategy.root_device
-    log.info("story suite: %d openings of %s, completed by %s", cfg.stories, val_bin, ckpt)
-    try:
-        summary = stories.run(
-            load_model(ckpt, device), tok, stories.TokenStories(val_bin, tok), cfg.stories,
-            cfg.suite, stories.completions_path(ckpt), cfg.judge, device=device, strict=False,
-        )  # fmt: skip
-    except SlmError as e:  # e.g. no stories to take openings from: the training stands
-        log.error("story suite: error: %s", one_line(e))
-        summary = {"error": one_line(e)}
-    except KeyboardInterrupt:
-        log.warning("story suite interrupted: the run's outputs are complete, without it")
-        raise
-    path = run_dir / "metrics.json"
-    write_json(path, {**json.loads(path.read_text()), "stories": summary})
-    scalars = {f"stories/{k}": v for k, v in stories.flat(summary).items()}
-    for logger in trainer.loggers:  # finalized by fit: log_metrics reopens, finalize flushes
-        logger.log_metrics(scalars, step=trainer.global_step)
-        logger.finalize("success")
-    log.info("story suite: %s", json.dumps(stories.flat(summary)))
-
-
 # Set by train() itself: a trainer.* override of one of these is a mistake.
 OWN_TRAINER_ARGS = (
     "logger", "callbacks", "default_root_dir", "num_sanity_val_steps",
@@ -410,132 +337,3 @@ def check_trainer_args(args: dict) -> None:
                 f"trainer.{key} is not a lightning.Trainer argument; check the spelling "
                 "(python train.py --cfg job lists the config)"
             )
-
-
-def run_status(error: BaseException | None) -> tuple[str, str | None]:
-    """``completed``, ``interrupted`` (Ctrl-C: Lightning turns it into ``SystemExit``) or
-    ``failed``, and the error's one line."""
-    if error is None:
-        return "completed", None
-    if isinstance(error, (KeyboardInterrupt, SystemExit)):
-        return "interrupted", None
-    lines = str(error).strip().splitlines()
-    return "failed", f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-def write_outputs(
-    run_dir: Path,
-    module: GPTModule,
-    best: ModelCheckpoint,
-    history: RunHistory,
-    trainer: L.Trainer,
-    error: BaseException | None = None,
-    parameters: dict[str, int] | None = None,
-    agreed_stop: bool = False,
-) -> None:
-    """``metrics.json`` always (with the run's status and the model's ``parameters``);
-    ``slm.pt`` (best weights + model config) and ``loss.png`` once the run has made an
-    optimizer step. A run that failed before its first step leaves no weights that
-    ``generate.py`` would take for a model.
-
-    Rank 0 writes. With a sharded model every rank calls this: the full weights are gathered
-    from all of them, unless the best checkpoint has them (read by rank 0 alone) or the run
-    failed on its own (``error``, not a stop every rank agreed on: ``agreed_stop``, or a
-    divergence), when the other ranks may not be here to take part."""
-    steps = trainer.global_step
-    status, reason = run_status(error)
-    best_path = best.best_model_path
-    has_best = bool(best_path) and Path(best_path).exists()
-    state, best_step = None, steps
-    if steps > 0 and not has_best:
-        together = error is None or agreed_stop or isinstance(error, FloatingPointError)
-        if together or not is_sharded(module.model):
-            state = full_state_dict(module.model)
-    if not trainer.is_global_zero:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if steps > 0:
-        if has_best:
-            _, state = load_checkpoint(best_path)
-            best_step = read(best_path, mmap=True)["global_step"]
-        written = ["loss.png"]
-        if state is not None:
-            pt = {"model_args": module.config.to_dict(), "model": state, "step": best_step}
-            if module.tokenizer is not None:  # generate, evaluate and export need nothing else
-                pt["tokenizer"] = module.tokenizer.state()
-            save_atomic(pt, run_dir / "slm.pt")
-            written.insert(0, "slm.pt")
-        else:
-            log.warning("no slm.pt: the sharded run failed on one rank before its first checkpoint")
-        plot_losses(history, run_dir / "loss.png")
-    else:
-        written = []
-    vals = [v for _, v in history.val]
-    seconds = history.wall_seconds
-    # After an interruption the last validation can be older than the weights: say which.
-    metrics = {
-        "status": status,
-        **({"error": reason} if reason else {}),
-        "best_val_loss": min(vals) if vals else None,
-        "final_val_loss": vals[-1] if vals else None,
-        "final_val_step": history.val[-1][0] if vals else None,
-        "steps": steps,
-        "tokens_seen": history.tokens,
-        "wall_seconds": round(seconds, 3),
-        "tokens_per_second": round(history.tokens / seconds, 1) if seconds else None,
-        **({"parameters": parameters} if parameters else {}),
-    }
-    write_json(run_dir / "metrics.json", metrics)
-    written = ",".join([*written, "metrics.json"])
-    log.info("wrote %s/%s: %s", run_dir, f"{{{written}}}" if "," in written else written, metrics)
-
-
-@contextlib.contextmanager
-def deferred_signals():
-    """Hold SIGINT and SIGTERM until the block is done, then act on them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = {s: signal.signal(s, lambda n, f: received.append(n)) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if received:
-            raise KeyboardInterrupt
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """``obj`` as indented JSON, written whole (a temporary file, then renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def plot_losses(history: RunHistory, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if history.train:
-        steps, losses = zip(*history.train)
-        ax.plot(steps, losses, lw=0.8, alpha=0.8, label="train")
-    if history.val:
-        steps, losses = zip(*history.val)
-        ax.plot(steps, losses, "o-", lw=1.5, ms=3, label="val")
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)", title="slm")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -113,13 +113,13 @@ def test_throughput_flops_mfu_and_time_to_max_steps_against_a_clock(monkeypatch,
     )
     fake = FakeClock()
     monkeypatch.setattr(callbacks, "clock", fake)
-    reads, read = [], callbacks._clock  # where the clock is read after a sync (on a GPU)
+    reads, read = [], callbacks.synced_clock  # where the clock is read after a sync (on a GPU)
 
     def clock(trainer):
         reads.append((trainer.global_step, "val" if trainer.validating else "train"))
         return read(trainer)
 
-    monkeypatch.setattr(callbacks, "_clock", clock)
+    monkeypatch.setattr(callbacks, "synced_clock", clock)
     caplog.set_level(logging.INFO, logger="slm")
     monitor = SyncFreeThroughputMonitor(
         lambda b: b[0].size(0), lambda b: b[0].numel(), window_size=3

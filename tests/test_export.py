@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from slm import checkpoint, hf
 from slm import export as ex
-from slm.checkpoint import apply_init_from, load_model
+from slm.checkpoint import load_model
 from slm.config import compose
 from slm.errors import CheckpointError, ConfigError, SlmError, run_cli
 from slm.model import GPT, GPTConfig
+from slm.resume import apply_init_from
 from slm.sample import generate
 from slm.tokenizer import EOT, EOT_ID, get_encoding
 
@@ -62,8 +64,7 @@ def save_slm_pt(path: Path, config: GPTConfig, seed: int = 0) -> GPT:
                 p.add_(torch.randn_like(p) * (0.02 if name.endswith("bias") else 0.2))
             elif name.endswith("c_proj.weight"):
                 p.mul_(4)  # larger residual updates: the layers matter for the logits
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model_args": config.to_dict(), "model": model.state_dict(), "step": 7}, path)
+    checkpoint.save_slm_pt(path, config, model.state_dict(), step=7)
     return model
 
 
@@ -302,7 +303,7 @@ def test_unexportable_combination_is_refused_and_writes_nothing(tmp_path, overri
     save_slm_pt(tmp_path / "slm.pt", tiny_config(*overrides))
     with pytest.raises(ConfigError) as e:
         ex.export(tmp_path / "slm.pt", tmp_path / "out")
-    assert str(e.value) == f"cannot export {message}; exportable are {ex.EXPORTABLE}"
+    assert str(e.value) == f"cannot export {message}; exportable are {hf.EXPORTABLE}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slm.pt"]
 
 
@@ -344,7 +345,7 @@ def test_non_empty_out_needs_overwrite_and_a_failure_keeps_it(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ex, "save_hf_tokenizer", broken)  # fails after the weights are written
+    monkeypatch.setattr(hf, "write_tokenizer", broken)  # fails after the weights are written
     with pytest.raises(SlmError) as e:
         ex.export(tmp_path / "slm.pt", out, overwrite=True)
     assert str(e.value) == (

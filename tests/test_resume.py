@@ -194,7 +194,7 @@ def test_ckpt_path_last_looks_in_this_run_only(data, uninterrupted, tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_signal_while_writing_outputs_is_held(tmp_path, monkeypatch):
     """A Ctrl-C during write_outputs lands after both slm.pt and metrics.json are written."""
-    from slm import train as train_module
+    from slm import outputs
 
     written = []
 
@@ -203,7 +203,7 @@ def test_signal_while_writing_outputs_is_held(tmp_path, monkeypatch):
         written.append("slm.pt")
         written.append("metrics.json")
 
-    monkeypatch.setattr(train_module, "write_outputs", slow_write)
-    with pytest.raises(KeyboardInterrupt), train_module.deferred_signals():
-        train_module.write_outputs()
+    monkeypatch.setattr(outputs, "write_outputs", slow_write)
+    with pytest.raises(KeyboardInterrupt), outputs.deferred_signals():
+        outputs.write_outputs()
     assert written == ["slm.pt", "metrics.json"]

@@ -345,7 +345,7 @@ def test_a_requeued_slurm_job_resumes_from_its_last_ckpt(tmp_path, monkeypatch):
     """submitit (or Lightning) requeued the job: same command, same run dir, no ckpt_path; it
     resumes from the last.ckpt its first run left, a file or a sharded folder."""
     from slm.checkpoint import SHARDED_META
-    from slm.train import resolve_ckpt_path
+    from slm.resume import resolve_ckpt_path
 
     last = tmp_path / "checkpoints" / "last.ckpt"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
@@ -379,7 +379,9 @@ def test_strategy_settings_that_cannot_work_are_refused(data, tmp_path, override
 def test_resume_data_check_reads_a_sharded_checkpoint(tmp_path):
     """check_resume_data (the data dir a checkpoint trained on) reads a sharded folder's
     meta.pt, where it failed with IsADirectoryError."""
-    from slm.checkpoint import SHARDED_META, CheckpointError, check_resume_data
+    from slm.checkpoint import SHARDED_META
+    from slm.errors import CheckpointError
+    from slm.resume import check_resume_data
 
     folder = tmp_path / "last.ckpt"
     folder.mkdir()

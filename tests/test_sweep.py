@@ -154,7 +154,7 @@ def test_multirun_with_several_devices_under_the_basic_launcher_is_refused(tmp_p
 
     from slm import train as train_module
 
-    monkeypatch.setattr(train_module, "_in_multirun", lambda: True)
+    monkeypatch.setattr(train_module, "in_multirun", lambda: True)
     cfg = compose("train", [*TINY_ARGS, f"data.dir={tmp_path}", "trainer.devices=2"])
     with pytest.raises(SystemExit):
         train_module.main(cfg)

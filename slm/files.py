@@ -1,0 +1,133 @@
+"""Files written whole or not at all: text, bytes, JSON, JSONL, ``torch.save`` and whole
+directories.
+
+One mechanism: write under a temporary name in the target's own directory
+(``NAME.<random>.tmp``: no two writers share one, and a crashed writer's leftovers are
+recognizable), then ``os.replace`` it onto the target, which readers see either as it was or
+complete. On any error the temporary is removed and the error is raised as an ``OSError``, so
+each caller turns it into its own one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from slm.errors import first_line
+
+
+def temp_name(path: Path) -> Path:
+    """A name beside ``path`` that no other writer uses (``train.bin.<random>.tmp``)."""
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _replace(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)``, then ``tmp`` renamed onto ``path`` (its folder made where missing)."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        raise
+    except Exception as e:  # e.g. torch.save's RuntimeError on a full disk
+        raise OSError(errno.EIO, f"{type(e).__name__}: {first_line(e)}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """``text`` (UTF-8) into ``path``, atomically."""
+    _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    _replace(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as indented JSON with a final newline (``metrics.json``, ``meta.json``)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """One JSON object a line, non-ASCII text as it is (``*.stories.jsonl``)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    _replace(path, write)
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` into ``path``, atomically (``slm.pt``)."""
+    import torch  # not for the commands that never write tensors (prepare, tokenizer seed)
+
+    _replace(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_json(path: str | Path) -> dict:
+    """The JSON object in ``path``; ``{}`` where it is absent, unreadable or no object: for
+    files that are read for what they may add (a run's ``metrics.json`` for a model card)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+class NewDir:
+    """A directory built under a temporary name beside ``path`` that replaces ``path`` whole
+    when the ``with`` block ends without an error (an old ``path`` is swapped out, then
+    deleted, so nothing is ever half-replaced); after an error ``path`` is as it was and the
+    temporary directory is gone. Creating it raises ``OSError`` where ``path``'s parent
+    cannot be written; a failed swap raises ``OSError`` too.
+
+        with NewDir(out) as tmp:
+            (tmp / "config.json").write_text(...)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        prefix, parent = f".{self.path.name}.", self.path.parent
+        self.tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._publish()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _publish(self) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in [self.tmp, *self.tmp.iterdir()]:  # mkdtemp (and e.g. save_pretrained) make
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)  # them private
+        if not self.path.exists():
+            os.replace(self.tmp, self.path)
+            return
+        old = self.tmp.with_suffix(".old")  # swap, then delete the old one
+        os.replace(self.path, old)
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError:
+            os.replace(old, self.path)  # the old one back: nothing half-replaced
+            raise
+        shutil.rmtree(old, ignore_errors=True)
