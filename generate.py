@@ -19,26 +19,22 @@ import warnings
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from slm.checkpoint import load_model, load_tokenizer
-from slm.errors import one_line
-from slm.precision import resolve_device
+from slm.config import resolve_inference
+from slm.errors import report
 from slm.sample import check_sampling, generate, warm_up
 
 
 def validate(cfg: DictConfig) -> tuple[torch.device, bool]:
     """The device to run on and whether to compile the decode step; ``ValueError`` (one line)
     for the first bad argument. Runs before the checkpoint is read, so a typo fails at once."""
-    if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt in (None, ""):
-        raise ValueError("ckpt is required: python generate.py ckpt=PATH (a slm.pt or .ckpt)")
+    device, compile = resolve_inference(cfg, "python generate.py ckpt=PATH (a slm.pt or .ckpt)")
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples)
     if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):
         raise ValueError(f"seed={cfg.seed} must be an integer, or null for a random draw")
-    if cfg.compile != "auto" and not isinstance(cfg.compile, bool):
-        raise ValueError(f"compile={cfg.compile} must be auto, true or false")
-    device = resolve_device(cfg.device)
-    return device, device.type == "cuda" if cfg.compile == "auto" else cfg.compile
+    return device, compile
 
 
 def run(cfg: DictConfig) -> int:
@@ -49,8 +45,7 @@ def run(cfg: DictConfig) -> int:
         model = load_model(cfg.ckpt, device)  # CheckpointError is a ValueError
         tok = load_tokenizer(cfg.ckpt)  # an SlmError for gpt2 offline without the BPE files
     except ValueError as e:
-        print(f"error: {one_line(e)}", file=err)
-        return 1
+        return report(e)
     # Hydra reads prompt=123 as an int and prompt=null as None.
     prompt = "" if cfg.prompt is None else str(cfg.prompt)
     n = cfg.num_samples

@@ -11,9 +11,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from slm.errors import ConfigError, override
-from slm.model import CHOICES
+from slm.model import CHOICES, GPTConfig
 from slm.optim import OPTIMIZERS
-from slm.precision import default_precision
+from slm.precision import default_precision, resolve_device
 from slm.strategy import check_strategy
 from slm.tokenizer import check_config as check_tokenizer_config
 
@@ -126,6 +126,23 @@ def resolve_hardware(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def resolve_inference(
+    cfg: DictConfig, usage: str, compiles: bool = True
+) -> tuple[torch.device, bool]:
+    """The checks every inference command (``generate.py``, ``slm.serve``, ``slm.evaluate``)
+    makes before it reads its checkpoint: ``ckpt`` is given (else ``ckpt is required:
+    {usage}``), ``compile`` is auto, true or false (where the command ``compiles``; auto: on
+    CUDA) and ``device`` resolves (``slm.precision.resolve_device``). The device, and whether
+    to compile."""
+    if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt in (None, ""):
+        raise ConfigError(f"ckpt is required: {usage}")
+    if compiles and cfg.compile != "auto" and not isinstance(cfg.compile, bool):
+        raise ConfigError(f"compile={cfg.compile} must be auto, true or false")
+    device = resolve_device(cfg.device)
+    compile = compiles and (device.type == "cuda" if cfg.compile == "auto" else cfg.compile)
+    return device, compile
+
+
 def model_overrides() -> dict[str, str]:
     """The ``model.*`` keys that this run's command line sets, each with the override that
     sets it: ``model.KEY=VALUE`` itself, or a ``model=NAME`` / ``arch=NAME`` group choice for
@@ -236,30 +253,20 @@ def validate(cfg: DictConfig) -> None:
     ``optim.warmup_steps=auto`` (``min(200, max_steps // 10)``: short runs warm up too)."""
     m, o, t = cfg.model, cfg.optim, cfg.trainer
     _check_ranges(cfg)
-    if m.n_embd % m.n_head != 0:
-        raise ConfigError(
-            f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
-            "pick n_embd as a multiple of n_head"
-        )
+    broken = GPTConfig.broken_rule(m, prefix="model.")
+    if broken is not None:
+        key, message = broken
+        if key in CHOICES:  # how to pick one on the command line
+            message += f"; set model.{key}= one of them (or arch=gpt2 / arch=modern)"
+        raise ConfigError(message)
     if o.warmup_steps == "auto":
         with open_dict(cfg):
             o.warmup_steps = min(200, t.max_steps // 10)
     if not _is_number(o.warmup_steps, integer=True) or o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be auto or an integer >= 0")
-    for key, allowed in CHOICES.items():
-        if m.get(key) not in allowed:
-            raise ConfigError(
-                f"model.{key}={m.get(key)} is not one of {', '.join(allowed)}; "
-                f"set model.{key}= one of them (or arch=gpt2 / arch=modern)"
-            )
     for key in ("qk_norm", "tie_embeddings"):
         if not isinstance(m.get(key), bool):
             raise ConfigError(f"model.{key}={m.get(key)} must be true or false")
-    if m.positions == "rope" and (m.n_embd // m.n_head) % 2:
-        raise ConfigError(
-            f"model.positions=rope rotates pairs of dimensions: the head size "
-            f"n_embd/n_head={m.n_embd // m.n_head} must be even; change model.n_embd or n_head"
-        )
     if o.name not in OPTIMIZERS:
         raise ConfigError(
             f"optim.name={o.name} is not one of {', '.join(OPTIMIZERS)}; "

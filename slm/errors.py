@@ -1,8 +1,9 @@
 """The errors a user can fix, and the one place that turns them into a one-line message.
 
-Every entry point (``train.py``, ``generate.py``, ``python -m slm.prepare``,
-``python -m slm.evaluate``) reports an ``SlmError`` as ``error: <message>`` on one line and
-exits with status 1; the message names the culprit and the fix.
+Every command (``train.py``, ``generate.py``, ``python -m slm.prepare``, ``slm.evaluate``,
+``slm.serve``, ``slm.export``, ``slm.tokenizer``) reports an ``SlmError`` as
+``error: <message>`` on one line (``report``) and exits with status 1 (``fail``, or
+``run_cli`` around a command's ``main``); the message names the culprit and the fix.
 """
 
 from __future__ import annotations
@@ -74,14 +75,21 @@ def override(key: str, value: str) -> str:
     return "'" + word.replace("'", "'\\''") + "'"  # it's -> 'it'\''s': close, \', reopen
 
 
-def fail(e: BaseException, log: logging.Logger | None = None) -> NoReturn:
-    """Report ``e`` as ``error: ...`` (to ``log`` too, so a run's log file has it) and exit 1."""
+def report(e: BaseException, log: logging.Logger | None = None) -> int:
+    """Report ``e`` as ``error: ...`` on one line (to ``log`` too, so a run's log file has
+    it); the exit status of a command that stops there, 1."""
     message = f"error: {one_line(e)}"
     if log is not None and log.hasHandlers():
         log.error(message)
     else:
         print(message, file=sys.stderr)
-    sys.exit(1)
+    return 1
+
+
+def fail(e: BaseException, log: logging.Logger | None = None, status: int = 1) -> NoReturn:
+    """``report`` ``e`` and exit with ``status``."""
+    report(e, log)
+    sys.exit(status)
 
 
 def run_cli(main: Callable[[], T], errors: tuple[type[BaseException], ...] = (SlmError,)) -> T:

@@ -33,16 +33,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf.errors import MissingMandatoryValue
 from torch.utils.data import DataLoader
 
 from slm import stories
 from slm.checkpoint import load_model, load_tokenizer
-from slm.config import compose
+from slm.config import compose, resolve_inference
 from slm.data import FixedWindows, load_tokens
-from slm.errors import ConfigError, DataError, run_cli
+from slm.errors import DataError, run_cli
 from slm.model import GPT
-from slm.precision import inference_autocast, resolve_device
+from slm.precision import inference_autocast
 from slm.prepare import prepare, read_meta, read_tokenizer, tokenize
 from slm.tokenizer import Tokenizer
 
@@ -135,12 +134,9 @@ def evaluate_text(
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = compose("evaluate", sys.argv[1:] if argv is None else argv)
-    try:
-        ckpt = cfg.ckpt
-    except MissingMandatoryValue:
-        raise ConfigError("ckpt is required: ckpt=PATH to a .ckpt or slm.pt") from None
+    device, _ = resolve_inference(cfg, "ckpt=PATH to a .ckpt or slm.pt", compiles=False)
+    ckpt = cfg.ckpt
     stories.check(cfg)
-    device = resolve_device(cfg.device)
     model = load_model(ckpt, device)  # a bad checkpoint fails before any tokenizing
     tok = load_tokenizer(ckpt)  # the one it was trained with
     out = Path(cfg.stories_out).expanduser() if cfg.stories_out else stories.completions_path(ckpt)

@@ -14,7 +14,9 @@ modded-nanogpt) and an untied ``lm_head`` (``tie_embeddings=False``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,16 +47,30 @@ class GPTConfig:
     eot_id: int = 50256  # the tokenizer's <|endoftext|> (GPT-2's): ends and starts a story
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        for key, allowed in CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(
-                f"positions=rope needs an even head size, got n_embd/n_head="
-                f"{self.n_embd // self.n_head}"
+        broken = GPTConfig.broken_rule(vars(self))
+        if broken is not None:
+            raise ValueError(broken[1])
+
+    @staticmethod
+    def broken_rule(values: Mapping[str, Any], prefix: str = "") -> tuple[str, str] | None:
+        """The first rule of a model's shape that ``values`` (a config's fields) break, as
+        ``(the key to change, a one-line message)``, the keys named with ``prefix`` (``model.``
+        in the Hydra config); None where they keep them all."""
+        n_embd, n_head = values["n_embd"], values["n_head"]
+        if n_embd % n_head:
+            return "n_embd", (
+                f"{prefix}n_embd={n_embd} is not divisible by {prefix}n_head={n_head}; "
+                "pick n_embd as a multiple of n_head"
             )
+        for key, allowed in CHOICES.items():
+            if values.get(key) not in allowed:
+                return key, f"{prefix}{key}={values.get(key)} is not one of {', '.join(allowed)}"
+        if values["positions"] == "rope" and (n_embd // n_head) % 2:
+            return "n_embd", (
+                f"{prefix}positions=rope rotates pairs of dimensions: the head size "
+                f"n_embd/n_head={n_embd // n_head} must be even; change {prefix}n_embd or n_head"
+            )
+        return None
 
     @property
     def head_size(self) -> int:

@@ -479,10 +479,17 @@ def seed_tiktoken_cache(folder: str | Path, cache_dir: str | Path | None = None)
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
     import sys
+    from typing import NoReturn
 
-    from slm.errors import run_cli
+    from slm.errors import fail, run_cli
 
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            # A usage error on one line, as every command's (status 2, as argparse's).
+            usage = self.format_usage().removeprefix("usage: ")
+            fail(ConfigError(f"{message}; usage: {usage}"), status=2)
+
+    parser = Parser(
         prog="python -m slm.tokenizer",
         description="Offline use of the gpt2 encoding: seed tiktoken's cache from copied files.",
     )

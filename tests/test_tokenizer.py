@@ -317,3 +317,19 @@ def test_seed_from_a_folder_without_the_files(tmp_path, capsys):
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: cannot read {tmp_path / 'vocab.bpe'} (No such file")
     assert "holding the GPT-2 BPE files vocab.bpe and encoder.json" in line
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["seed"], "the following arguments are required: --from; usage: python -m slm.tokenizer"),
+        (["plant"], "argument command: invalid choice: 'plant' (choose from 'seed'); usage: "),
+    ],
+)
+def test_seed_usage_errors_are_one_line(argv, message, capsys):
+    """A usage error: one line, as every command reports its errors (status 2, argparse's)."""
+    with pytest.raises(SystemExit) as e:
+        tokenizer.main(argv)
+    assert e.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {message}"), line
