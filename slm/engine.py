@@ -1,27 +1,24 @@
 """Continuous batching: the decode loop behind ``python -m slm.serve``, where requests join
-and leave a running batch.
+and leave a running batch; a policy over the one decoder (``slm.decode``).
 
-Each request (one prompt and ``n`` samples of it) takes ``n`` rows of one static KV cache of
-``max_batch`` rows. Its prompt is prefilled into those rows as soon as they are free; from then
-on it advances one token per step together with every other running request, through one call
-of ``GPT.decode`` per step with each row at its own position. A request that ends (its stop
-token, a stop string, its token budget) or is cancelled (its client went away) leaves before
-the next step, and the rows after it move down, so a step runs on exactly the rows in use (the
-batch a waiting request joins) and a lone request is decoded at batch 1.
+Each request (one prompt and ``n`` samples of it) is a group of ``n`` rows of the decoder
+(``max_batch`` rows). Its prompt is prefilled into those rows as soon as they are free; from
+then on it advances one token per step together with every other running request, each row at
+its own position. A request that ends (its stop token, a stop string, its token budget) or is
+cancelled (its client went away) leaves before the next step, and the rows after it move
+down, so a step runs on the rows in use (the batch a waiting request joins) and a lone
+request is decoded at batch 1.
 
 Each request gets the tokens ``slm.sample.generate`` gives it alone, with the same prompt and
-settings: its samples are drawn together from its own generator, as ``generate`` draws its
-``num_samples`` (``_next_token``, ``filter_logits``); its prefill is ``generate``'s (a forward
-over its rows of the cache); its context shifts follow ``slide`` (learned positions refill its
-rows, RoPE shifts them, ``GPT.shift_cache``). Rows never mix in a step; the batched step and
-``generate``'s growing cache round differently in the last bits only, which moves a greedy
-token only where two logits tie to float precision.
+settings: its samples are drawn together from its own generator (``next_token``), its
+prefill and context shifts are the decoder's. Rows never mix in a step; the batched step and
+``generate``'s round differently in the last bits only, which moves a greedy token only where
+two logits tie to float precision.
 
 The loop runs in one thread of its own (PyTorch releases the GIL in its kernels); callers
 submit ``Request``s and receive ``Event``s through the request's ``emit`` callback, which is
 called from that thread. With ``compile=True`` the step is ``torch.compile``d (CUDA graphs on
-CUDA) for a few batch sizes (1, 2, 4, ..., ``max_batch``: a step runs at the smallest that
-holds the rows in use), all compiled by ``start()`` before the first request.
+CUDA) for a few batch sizes (1, 2, 4, ..., ``max_batch``), all compiled by ``start()``.
 """
 
 from __future__ import annotations
@@ -35,9 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slm.model import GPT, KVCache
-from slm.precision import inference_precision
-from slm.sample import _decode_step, _next_token, check_sampling, slide
+from slm.decode import Decoder, Seq
+from slm.sampling import check_sampling, next_token
 from slm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,20 +76,18 @@ class Request:
     stop: Sequence[str] = ()
     # Set by the engine.
     cancelled: bool = field(default=False, init=False)
-    row: int = field(default=0, init=False)
     step: int = field(default=0, init=False)
-    window: torch.Tensor | None = field(default=None, init=False, repr=False)
-    logits: torch.Tensor | None = field(default=None, init=False, repr=False)  # to sample from
+    seq: Seq | None = field(default=None, init=False, repr=False)  # its rows of the decoder
     next: torch.Tensor | None = field(default=None, init=False, repr=False)  # to decode
     generator: torch.Generator | None = field(default=None, init=False, repr=False)
-    texts: list[_Text] = field(default_factory=list, init=False, repr=False)
+    texts: list[SampleText] = field(default_factory=list, init=False, repr=False)
 
     @property
     def done(self) -> bool:
         return all(t.finish_reason is not None for t in self.texts)
 
 
-class _Text:
+class SampleText:
     """One sample's text as its tokens come: bytes decoded incrementally (a token can end
     inside a UTF-8 character), cut before the first stop string. Text that could be the start
     of a stop string is held back until the next tokens tell."""
@@ -133,21 +127,6 @@ class _Text:
         return delta
 
 
-def _buckets(max_batch: int) -> list[int]:
-    """The batch sizes a compiled step is built for: powers of two below ``max_batch``, and it."""
-    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
-    return sizes + [max_batch]
-
-
-def _rows(cache: KVCache, start: int, stop: int, pos: int = 0) -> KVCache:
-    """A ``KVCache`` over rows ``start:stop`` of ``cache``: views, so writes land in it."""
-    view = KVCache.__new__(KVCache)
-    view.k = [t[start:stop] for t in cache.k]
-    view.v = [t[start:stop] for t in cache.v]
-    view.pos = pos
-    return view
-
-
 class Engine:
     """The continuous batch of ``model`` (in eval mode, on its device): ``start()``, then
     ``submit`` requests from any thread and ``cancel`` them; ``close()`` at the end.
@@ -158,7 +137,7 @@ class Engine:
 
     def __init__(
         self,
-        model: GPT,
+        model: torch.nn.Module,
         tokenizer: Tokenizer,
         max_batch: int = 8,
         max_queue: int = 64,
@@ -173,23 +152,10 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.compile = max_batch, max_queue, compile
-        self.device = next(model.parameters()).device
-        self.autocast, dtype = inference_precision(model, self.device)
-        self.cache = KVCache(config, max_batch, self.device, dtype)
-        self.decode = _decode_step(self.device, compile)
-        self.sizes = _buckets(max_batch) if compile else []
-        if compile:  # one graph per batch size: past dynamo's limit it would run eagerly
-            limit = torch._dynamo.config.recompile_limit
-            torch._dynamo.config.recompile_limit = max(limit, len(self.sizes) + 8)
-        # A compiled step (a CUDA graph) reads and writes its cache at fixed addresses: one
-        # view per batch size, made once, the same tensors at every step.
-        self.views = {b: _rows(self.cache, 0, b) for b in self.sizes}
-        for view in self.views.values():
-            for t in view.k + view.v:
-                torch._dynamo.mark_static_address(t)
-        self.running: list[Request] = []  # in row order: rows 0 .. rows_in_use - 1
+        self.decoder = Decoder(model, max_batch, compile=compile)
+        self.device = self.decoder.device
+        self.running: list[Request] = []  # in row order
         self.waiting: collections.deque[Request] = collections.deque()
-        self.steps = 0  # decode steps run
         self.peak_rows = 0  # the most rows one step decoded
         self._cond = threading.Condition()
         self._closed = False
@@ -203,8 +169,7 @@ class Engine:
 
         def run() -> None:
             try:
-                with torch.inference_mode(), self.autocast:
-                    self._warm_up()
+                self.decoder.warm_up()  # compiles every batch size (none when eager)
             except BaseException as e:
                 failed.append(e)
                 return
@@ -240,7 +205,7 @@ class Engine:
                     f"{self.max_queue})"
                 )
             for r in requests:
-                r.texts = [_Text(r.stop) for _ in range(r.n)]
+                r.texts = [SampleText(r.stop) for _ in range(r.n)]
                 if r.temperature > 0:
                     r.generator = torch.Generator(self.device)
                     if r.seed is None:
@@ -275,20 +240,15 @@ class Engine:
     def rows_in_use(self) -> int:
         return sum(r.n for r in self.running)
 
+    @property
+    def steps(self) -> int:
+        """Decode steps run."""
+        return self.decoder.steps
+
     # -- the decode thread -------------------------------------------------------------------
 
-    def _warm_up(self) -> None:
-        """Compile the step for every batch size (three calls each: dynamo and inductor
-        compile on the first, CUDA graphs record on the second and replay from the third)."""
-        for b in self.sizes:
-            tok = torch.full((b, 1), self.tokenizer.eot_id, dtype=torch.long, device=self.device)
-            pos = torch.zeros(b, dtype=torch.long, device=self.device)
-            for _ in range(3):
-                torch.compiler.cudagraph_mark_step_begin()
-                self.decode(self.model, tok, pos, self.views[b])
-
     def _loop(self) -> None:
-        with torch.inference_mode(), self.autocast:
+        with self.decoder.running():
             while True:
                 with self._cond:
                     while not self._closed and not self.waiting and not self.running:
@@ -297,13 +257,12 @@ class Engine:
                         return
                 try:
                     self._admit()
-                    if self.running:
-                        self._step()
+                    self._step()
                 except Exception as e:  # the step itself failed: fail what ran in it
                     log.exception("decode step failed")
                     for r in self.running:
                         self._fail(r, f"decoding failed ({type(e).__name__}: {e})")
-                    self.running.clear()
+                    self._free()
 
     def _fail(self, r: Request, message: str) -> None:
         r.cancelled = True
@@ -317,57 +276,44 @@ class Engine:
             r.cancelled = True
 
     def _free(self) -> None:
-        """Drop the requests that ended or were cancelled; move the rows after them down."""
-        row = 0
-        kept = []
+        """Drop the requests that ended or were cancelled: their rows are free (the rows after
+        them move down before the next step)."""
         for r in self.running:
             if r.cancelled or r.done:
-                continue
-            if r.row != row:  # rows only ever move down: copy in row order
-                for t in self.cache.k + self.cache.v:
-                    t[row : row + r.n] = t[r.row : r.row + r.n].clone()
-                r.row = row
-            row += r.n
-            kept.append(r)
-        self.running = kept
+                self.decoder.remove(r.seq)
+        self.running = [r for r in self.running if not (r.cancelled or r.done)]
 
     def _admit(self) -> None:
         """Prefill the waiting requests that fit in the free rows, first come first served,
         and send each one's first token at once (not after the others' prefills)."""
         self._free()
-        model = self.model
         while True:
             with self._cond:
                 if not self.waiting or self.rows_in_use + self.waiting[0].n > self.max_batch:
                     return
                 r = self.waiting.popleft()
-            r.row = self.rows_in_use
-            self.running.append(r)
-            try:  # generate's prefill: the prompt expanded to n rows, over the request's rows
+            try:  # generate's prefill: the prompt expanded to n rows
                 window = torch.tensor([r.prompt], dtype=torch.long, device=self.device)
-                r.window = window.expand(r.n, -1).contiguous()
-                cache = _rows(self.cache, r.row, r.row + r.n)
-                r.logits = model(r.window, cache=cache, last_only=True)[0][:, -1]
-                self._advance([r])
+                r.seq = self.decoder.add(window.expand(r.n, -1).contiguous())
             except Exception as e:
                 log.exception("prefill failed")
                 self._fail(r, f"prefill failed ({type(e).__name__}: {e})")
+                continue
+            self.running.append(r)
+            self._sample([r])
 
-    def _advance(self, requests: list[Request]) -> None:
-        """Sample each request's next tokens from its logits and send them; then prepare what
-        gives the logits after them: a refill of its rows (learned positions, at a context
-        shift), or its place in the next decode step (``next``)."""
+    def _sample(self, requests: list[Request]) -> None:
+        """Draw each request's next tokens from its logits and send them; those that go on
+        keep them to decode (``next``)."""
         if not requests:
             return
-        model, block = self.model, self.model.config.block_size
-        rope = model.config.positions == "rope"
         toks = [
-            _next_token(r.logits, r.temperature, r.top_k, r.top_p, r.generator) for r in requests
+            next_token(r.seq.logits, r.temperature, r.top_k, r.top_p, r.generator) for r in requests
         ]
         ids = torch.cat(toks).tolist()  # one device sync for all
         i = 0
         for r, tok in zip(requests, toks):
-            r.logits = None
+            r.seq.logits = None
             self._emit(r, ids[i : i + r.n])
             i += r.n
             r.step += 1
@@ -378,46 +324,20 @@ class Engine:
                     if text.finish_reason is None:
                         self._finish(r, j, "length")
                 continue
-            old = r.window.size(1)
-            r.window, shifted = slide(r.window, tok, block)
-            if shifted and not rope:  # learned positions: refill its rows (generate's refill)
-                cache = _rows(self.cache, r.row, r.row + r.n)
-                r.logits = model(r.window, cache=cache, last_only=True)[0][:, -1]
-                continue
-            if shifted:  # RoPE: keep the newest positions, moved to the front
-                model.shift_cache(
-                    _rows(self.cache, r.row, r.row + r.n, pos=old), r.window.size(1) - 1
-                )
             r.next = tok
 
     def _step(self) -> None:
         """One token for every running request: sample and send it (where ``_admit`` has not),
-        then compute the next logits of all of them in one ``GPT.decode``."""
-        self._advance([r for r in self.running if r.logits is not None])
+        then compute the next logits of all of them (``Decoder.advance``)."""
+        self._sample([r for r in self.running if r.seq.logits is not None])
         self._free()
-        decode = [r for r in self.running if r.next is not None]
-        if not decode:
+        go = [r for r in self.running if r.next is not None]
+        if not go:
             return
-        block = self.model.config.block_size
-        rows = self.rows_in_use
-        size = next((b for b in self.sizes if b >= rows), rows)
-        # Rows that do not decode this step (refilled ones, free ones) write a dummy token at
-        # a slot past their filled ones, which is written again before it is ever read.
-        tok = torch.full((size,), self.tokenizer.eot_id, dtype=torch.long, device=self.device)
-        pos = [0] * size
-        for r in self.running:
-            pos[r.row : r.row + r.n] = [min(r.window.size(1), block - 1)] * r.n
-        for r in decode:
-            tok[r.row : r.row + r.n] = r.next
-            pos[r.row : r.row + r.n] = [r.window.size(1) - 1] * r.n  # the slot of its new token
-        pos = torch.tensor(pos, dtype=torch.long, device=self.device)
-        cache = self.views[size] if self.sizes else _rows(self.cache, 0, size)
-        torch.compiler.cudagraph_mark_step_begin()
-        logits = self.decode(self.model, tok[:, None], pos, cache)
-        for r in decode:
-            r.logits, r.next = logits[r.row : r.row + r.n], None
-        self.steps += 1
-        self.peak_rows = max(self.peak_rows, rows)
+        self.peak_rows = max(self.peak_rows, self.rows_in_use)
+        self.decoder.advance([(r.seq, r.next) for r in go])
+        for r in go:
+            r.next = None
 
     def _emit(self, r: Request, ids: list[int]) -> None:
         """Send the new tokens of ``r``'s samples (those still going) as text."""

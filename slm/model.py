@@ -95,18 +95,63 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for ``batch`` sequences of up to ``block_size``
-    positions, allocated once: ``k[layer]`` and ``v[layer]`` are (batch, n_head, block_size,
-    head_size); ``pos`` is how many positions are filled. With RoPE the keys are stored
-    rotated (at their cache slot's position). One tensor per layer, not one for all: a
-    compiled step that writes a slot of a graph input in place stays in place, where a slot
-    of a view (one layer of a stacked tensor) is written by copying the whole cache."""
+    """Keys and values of every layer for ``batch`` rows of up to ``block_size`` positions,
+    allocated once: ``k[layer]`` and ``v[layer]`` are (batch, n_head, block_size, head_size).
+    With RoPE the keys are stored rotated (at their slot's position). The cache holds no
+    positions: whoever decodes (``slm.decode``) knows how far each row is filled, and says
+    where a call writes (``GPT.forward``'s ``pos``). One tensor per layer, not one for all: a
+    compiled step that writes a slot of a graph input in place stays in place, where a slot of
+    a view (one layer of a stacked tensor) is written by copying the whole cache."""
 
     def __init__(self, config: GPTConfig, batch: int, device, dtype) -> None:
         shape = (batch, config.n_head, config.block_size, config.head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].size(0)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows ``start:stop`` as a cache of their own: views, so what is written lands here."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        return view
+
+
+class Slots:
+    """Where one cached forward writes and what it reads: ``T`` new positions per row from
+    ``pos`` on (an int: every row at the same slot; a (B,) tensor: a slot per row), attending
+    over the first ``span`` slots of the cache, each query only to keys at or before its own
+    position. Made once per forward and shared by every layer."""
+
+    def __init__(self, pos: int | torch.Tensor, T: int, span: int, device) -> None:
+        self.pos, self.T, self.span = pos, T, span
+        self.mask, self.causal = None, False
+        if isinstance(pos, int):
+            self.positions = torch.arange(pos, pos + T, device=device)  # (T,)
+            if span == pos + T and pos == 0:
+                self.causal = True  # a prefill: plain causal attention, no mask tensor
+            elif span != pos + T or T > 1:  # (one new query over the filled prefix: no mask)
+                self.mask = torch.arange(span, device=device) <= self.positions[:, None]
+        else:  # written by a position tensor: the same shapes at every step (compile, CUDA graphs)
+            self.positions = pos[:, None] + torch.arange(T, device=device)  # (B, T)
+            # (B, 1, T, span): row b sees its own filled slots; stale ones past it are masked
+            self.mask = (torch.arange(span, device=device) <= self.positions[..., None])[:, None]
+
+    def update(self, buf: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Write ``new`` (B, n_head, T, head_size) into its slots of ``buf`` (one layer's keys
+        or values), cast into the cache's dtype (under CUDA autocast qk_norm's keys come back
+        float32 where the cache is bf16); the slots attention reads."""
+        new = new.to(buf.dtype)
+        if isinstance(self.pos, int):
+            buf[:, :, self.pos : self.pos + self.T] = new
+        else:  # row b's T keys at its own slots: an index_put_ that compiles in place (a
+            # scatter_ is copied whole by inductor: the cache, at every step)
+            rows = torch.arange(new.size(0), device=new.device)[:, None]
+            buf[rows, :, self.positions] = new.transpose(1, 2)
+        return buf[:, :, : self.span]
 
 
 class RMSNorm(nn.Module):
@@ -161,11 +206,12 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cache: KVCache | None = None,
-        layer: int = 0,
-        rope=None,
-        pos: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor, Slots] | None = None,
     ) -> torch.Tensor:
+        """Training (``kv`` None: causal over ``x``'s own positions) or cached: ``kv`` is this
+        layer's keys, values and the call's ``Slots``; the new keys and values are written
+        there and the queries attend over the slots read."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
@@ -175,30 +221,10 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # (cos, sin) of these T positions; keys are cached rotated
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, causal = None, True
-        if pos is not None:  # static decode (GPT.decode): row b at its own slot pos[b], T == 1
-            # Written by a position tensor and read over all block_size slots, masked to the
-            # filled ones: the same kernels and shapes at every step, so one compiled graph
-            # (and one CUDA graph) serves them all. The stale slots past pos are masked out.
-            # Cast into the cache's dtype: under CUDA autocast qk_norm's rms_norm returns
-            # float32 while the cache is bf16/fp16 (scatter_ refuses mixed dtypes).
-            slot = pos.view(B, 1, 1, 1).expand(B, self.n_head, 1, C // self.n_head)
-            cache.k[layer].scatter_(2, slot, k.to(cache.k[layer].dtype))
-            cache.v[layer].scatter_(2, slot, v.to(cache.v[layer].dtype))
-            k, v = cache.k[layer], cache.v[layer]
-            # (B, 1, 1, block_size): each row sees its own filled slots
-            mask = (torch.arange(k.size(2), device=x.device)[None, :] <= pos[:, None])[
-                :, None, None
-            ]
-            causal = False
-        elif cache is not None:
-            p = cache.pos
-            cache.k[layer][:, :, p : p + T] = k
-            cache.v[layer][:, :, p : p + T] = v
-            k, v = cache.k[layer][:, :, : p + T], cache.v[layer][:, :, : p + T]
-            if p > 0:  # queries at p..p+T-1 see every cached key up to their own position
-                causal = False
-                if T > 1:
-                    mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(p)
+        if kv is not None:
+            keys, values, slots = kv
+            k, v = slots.update(keys, k), slots.update(values, v)
+            mask, causal = slots.mask, slots.causal
         # A cache may hold another dtype than the activations (a bf16 cache under fp32
         # activations): attend in the cache's, which costs a cast of the new queries only.
         dtype = x.dtype
@@ -249,15 +275,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache: KVCache | None = None,
-        layer: int = 0,
-        rope=None,
-        pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, rope, pos)
+    def forward(self, x: torch.Tensor, rope=None, kv=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -326,23 +345,37 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        pos: int | torch.Tensor = 0,
+        span: int | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits over the real vocab (a view without the padding columns, so padding ids
         are never sampled) and, with ``targets``, the mean cross-entropy over the real vocab.
-        ``cache`` continues from ``cache.pos``; ``last_only`` computes logits for the last
-        position only (generation)."""
+
+        Training runs without ``cache``: causal attention over ``idx``'s own T positions. With
+        a ``cache`` (generation, ``slm.decode``), the T tokens of each row sit at cache slots
+        ``pos`` .. ``pos + T - 1`` (``pos`` an int for every row, or a (B,) tensor, a slot per
+        row); their keys and values are written there, and they attend over the first
+        ``span`` slots (default: the filled ones for an int ``pos``, all ``block_size`` slots
+        for a tensor, shapes that never change: one compiled graph for every position).
+        ``last_only`` computes logits for the last position only (generation)."""
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
+        kvs: list = [None] * self.config.n_layer
+        if cache is None:
+            positions = torch.arange(T, device=idx.device)
+        else:
+            if span is None:
+                span = pos + T if isinstance(pos, int) else self.config.block_size
+            slots = Slots(pos, T, span, idx.device)
+            positions = slots.positions
+            kvs = [(k, v, slots) for k, v in zip(cache.k, cache.v)]
+        if isinstance(pos, int) and pos + T > self.config.block_size:
             raise ValueError(
-                f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}"
+                f"sequence of {pos + T} tokens exceeds block_size={self.config.block_size}"
             )
-        x, rope = self._embed(idx, torch.arange(start, start + T, device=idx.device))
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, rope)
-        if cache is not None:
-            cache.pos += T
+        x, rope = self._embed(idx, positions)
+        for block, kv in zip(self.transformer.h, kvs):
+            x = block(x, rope, kv)
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
@@ -361,45 +394,53 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits[..., :V], loss
 
-    def decode(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, vocab_size) of one new token per sequence, ``idx`` (B, 1), at cache slot
-        ``pos``: a (B,) long tensor, each row at its own slot (a server's rows are at different
-        positions), or (1,) for every row at the same one. Row b attends over its cache slots
-        ``<= pos[b]``. Tensors in, tensors out, with shapes that never depend on ``pos``:
-        compiled once, this step replays for every position. ``cache.pos`` is neither read
-        nor advanced (a Python int would be baked into a compiled graph): the caller keeps it.
-        Equal to ``forward(idx, cache=cache, last_only=True)`` up to float rounding."""
-        pos = pos.expand(idx.size(0))  # (B,)
-        x, rope = self._embed(idx, pos[:, None])
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, rope, pos)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        return logits[:, -1, : self.config.vocab_size]
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty ``KVCache`` of ``batch`` rows on the model's device (in ``dtype``, by
+        default the parameters')."""
+        p = next(self.parameters())
+        return KVCache(self.config, batch, p.device, dtype or p.dtype)
 
-    def shift_cache(self, cache: KVCache, keep: int) -> None:
-        """Keep the newest ``keep`` cached positions, moved to the front of the cache, and
-        drop the rest: a context shift that keeps the cache (RoPE only).
+    def shift_cache(self, cache: KVCache, filled: int, keep: int) -> None:
+        """Of the ``filled`` positions of ``cache`` (every row), keep the newest ``keep``,
+        moved to the front, and drop the rest: a context shift that keeps the cache (RoPE
+        only); new tokens then continue at slot ``keep``.
 
         A key is cached rotated at its slot p; moving it to slot p - d would need it rotated
         at p - d. Rotations compose, so rotating it once more by -d does that exactly (what
         llama.cpp does at a context shift); values carry no position. Attention scores then
-        depend on the same relative positions as before the shift, and new tokens continue
-        at slot ``keep``: the cache stays one preallocated tensor with positions < block_size.
-        The kept keys still remember (through the layers below) the tokens that were dropped,
-        which is what a refill would forget. With learned absolute positions a shifted key
-        would be wrong: refill the cache instead."""
+        depend on the same relative positions as before the shift, and the cache stays one
+        preallocated tensor with positions < block_size. The kept keys still remember
+        (through the layers below) the tokens that were dropped, which is what a refill
+        would forget. With learned absolute positions a shifted key would be wrong: refill
+        the cache instead."""
         if self.config.positions != "rope":
             raise ValueError("shift_cache needs positions=rope; with learned positions refill")
-        if not 0 <= keep <= cache.pos:
-            raise ValueError(f"keep={keep} must be in [0, cache.pos={cache.pos}]")
-        d = cache.pos - keep
+        if not 0 <= keep <= filled <= self.config.block_size:
+            raise ValueError(f"keep={keep} must be in [0, filled={filled}]")
+        d = filled - keep
         if d and keep:  # (keep=0 moves nothing: d may then be block_size, past the table)
             # cos(-a) = cos(a), sin(-a) = -sin(a): rotate back by d positions.
             cos, sin = self.rope_cos[d], -self.rope_sin[d]
             for k, v in zip(cache.k, cache.v):
-                k[:, :, :keep] = apply_rope(k[:, :, d : cache.pos], cos, sin)
-                v[:, :, :keep] = v[:, :, d : cache.pos].clone()  # the ranges may overlap
-        cache.pos = keep
+                k[:, :, :keep] = apply_rope(k[:, :, d:filled], cos, sin)
+                v[:, :, :keep] = v[:, :, d:filled].clone()  # the ranges may overlap
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+    ) -> torch.Tensor:
+        """``idx`` (B, T) with ``max_new_tokens`` sampled tokens appended to each row, as
+        nanoGPT's ``generate`` does (no stop at ``<|endoftext|>``; ``temperature=0`` is
+        greedy). A thin call of ``slm.sample.generate``, the decoder every command uses; use
+        that for stop tokens, top-p, a seeded generator or streaming."""
+        from slm.sample import generate  # the decoder builds on this module
+
+        new = generate(self, idx, max_new_tokens, temperature, top_k, stop_token=None)
+        return torch.cat([idx, torch.tensor(new, dtype=idx.dtype, device=idx.device)], dim=1)
 
     def configure_optimizer(
         self, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool = False

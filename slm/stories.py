@@ -27,7 +27,6 @@ completions go to a jsonl file beside the scores.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -42,6 +41,7 @@ import torch
 from omegaconf import DictConfig
 
 from slm import files
+from slm.decode import Decoder
 from slm.errors import ConfigError, DataError, SlmError, one_line
 from slm.judge import (
     GRADES,
@@ -53,9 +53,9 @@ from slm.judge import (
     make_judge,
 )
 from slm.measures import carryover, distinct_n, mean, repeat_rate, words
-from slm.model import GPT, KVCache
-from slm.precision import inference_autocast
-from slm.sample import _next_token, check_sampling  # generate()'s sampling, exactly
+from slm.model import GPT
+from slm.precision import eval_mode, inference_autocast
+from slm.sampling import check_sampling, next_token
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,6 @@ def _prompt(tok, opening: Opening, block_size: int) -> list[int]:
     return [tok.eot_id, *tok.encode(opening.text)][-(block_size - 1) :]
 
 
-@torch.inference_mode()
 def complete_batch(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -185,55 +184,38 @@ def complete_batch(
     generator: torch.Generator | None,
     stop_token: int,
 ) -> list[tuple[list[int], bool]]:
-    """``(new ids, ended)`` for prompts of any lengths, generated as one batch: each prompt is
-    prefilled into its own row of one KV cache, then every row takes one token a step through
-    ``GPT.decode`` at its own position (what its per-row ``pos`` is for), sampled as
-    ``slm.sample.generate`` samples. A row ends at ``stop_token`` (``ended``; not in its ids),
-    after ``max_new_tokens`` tokens, or when its context window (``block_size``) is full: no
-    context shift, so every token is written seeing the whole opening. Ended rows leave the
-    batch. (``generate`` takes prompts of one length only; grouping by length would make one
-    batch per length, most of them of one row.)"""
-    config, device = model.config, next(model.parameters()).device
-    T = config.block_size
-    autocast, dtype = inference_autocast(device)
-    dtype = dtype or next(model.parameters()).dtype
+    """``(new ids, ended)`` for prompts of any lengths, generated as one batch: a policy over
+    the one decoder (``slm.decode``) in which each prompt is a group of one row, prefilled on
+    its own, then every row takes one token a step at its own position, all drawn together
+    from ``generator`` (``next_token``, as ``generate`` draws). A row ends at ``stop_token``
+    (``ended``; not in its ids), after ``max_new_tokens`` tokens, or when its context window
+    (``block_size``) is full: no context shift, so every token is written seeing the whole
+    opening. Ended rows leave the batch. (``generate`` takes prompts of one length only;
+    grouping by length would make one batch per length, most of them of one row.)"""
+    T = model.config.block_size
+    device = next(model.parameters()).device
     out: list[tuple[list[int], bool]] = [([], False) for _ in prompts]
     limits = [min(max_new_tokens, T - len(p)) for p in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast:
-            cache = KVCache(config, len(prompts), device, dtype)
-            logits = []
-            for b, p in enumerate(prompts):  # prefill row b: a view of it as a cache of one
-                row = copy.copy(cache)
-                row.k, row.v = [k[b : b + 1] for k in cache.k], [v[b : b + 1] for v in cache.v]
-                row.pos = 0
-                idx = torch.tensor([list(p)], device=device)
-                logits.append(model(idx, cache=row, last_only=True)[0][:, -1])
-            logits = torch.cat(logits)
-            pos = torch.tensor([len(p) for p in prompts], device=device)  # each row's next slot
-            rows = list(range(len(prompts)))  # the prompt of each row still in the batch
-            while rows:
-                tok = _next_token(logits, temperature, top_k, top_p, generator)
-                alive = []
-                for j, (b, t) in enumerate(zip(rows, tok.tolist())):
-                    if t == stop_token:
-                        out[b] = (out[b][0], True)
-                        continue
+    decoder = Decoder(model, len(prompts))
+    with decoder.running():
+        seqs = [decoder.add(torch.tensor([list(p)], device=device)) for p in prompts]
+        alive = list(range(len(prompts)))  # the prompts whose rows are still in the batch
+        while alive:
+            tok = next_token(
+                torch.cat([seqs[b].logits for b in alive]), temperature, top_k, top_p, generator
+            )
+            going = []
+            for j, (b, t) in enumerate(zip(alive, tok.tolist())):
+                if t == stop_token:
+                    out[b] = (out[b][0], True)
+                else:
                     out[b][0].append(t)
-                    if len(out[b][0]) < limits[b]:
-                        alive.append(j)
-                if not alive:
-                    break
-                if len(alive) < len(rows):  # drop the ended rows from the batch
-                    keep = torch.tensor(alive, device=device)
-                    rows, tok, pos = [rows[j] for j in alive], tok[keep], pos[keep]
-                    cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
-                logits = model.decode(tok[:, None], pos, cache)
-                pos = pos + 1
-    finally:
-        model.train(was_training)
+                if t != stop_token and len(out[b][0]) < limits[b]:
+                    going.append(j)
+                else:
+                    decoder.remove(seqs[b])
+            decoder.advance([(seqs[alive[j]], tok[j : j + 1]) for j in going])
+            alive = [alive[j] for j in going]
     return out
 
 
@@ -275,10 +257,8 @@ def continuation_loss(model: GPT, tok, openings: Sequence[Opening]) -> list[tupl
     device = next(model.parameters()).device
     autocast, _ = inference_autocast(device)
     T = model.config.block_size
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for o in openings:
             head = _prompt(tok, o, T)
             ids = (head + tok.encode(o.continuation) + [tok.eot_id])[: T + 1]
@@ -292,8 +272,6 @@ def continuation_loss(model: GPT, tok, openings: Sequence[Opening]) -> list[tupl
             with autocast:
                 _, loss = model(x, y)
             out.append((loss.item(), n))
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -166,11 +166,7 @@ def shard_gpt(model: nn.Module, mesh, bf16: bool = False, reshard_after_forward:
     the shards (the master weights the optimizer updates) and the gradient reduction stay
     fp32 (FSDP2's ``MixedPrecisionPolicy``); Lightning's autocast still runs the norms,
     softmax and loss in fp32 on CUDA."""
-    from torch.distributed.fsdp import (
-        MixedPrecisionPolicy,
-        fully_shard,
-        register_fsdp_forward_method,
-    )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()
     if bf16:
@@ -178,9 +174,7 @@ def shard_gpt(model: nn.Module, mesh, bf16: bool = False, reshard_after_forward:
     kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for block in model.transformer.h:
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    # GPT.decode (generation's one-token step) is a forward too: gather for it as well.
-    register_fsdp_forward_method(model, "decode")
+    fully_shard(model, **kwargs)  # generation's steps are forwards too: gathered alike
     return model
 
 

@@ -225,6 +225,85 @@ def cfg_with(*overrides: str):
     return cfg
 
 
+# -- the story model: a tiny GPT that tells template stories --------------------------------
+# Shared by the decoding tests (generate, the decoder's policies, the server): it ends its
+# stories with <|endoftext|> and looks back at its context (the name and pet of a story
+# come back), so a wrong cache or position shows in its tokens.
+
+STORY_BLOCK = 32
+
+
+def template_stories(n: int = 300) -> list[int]:
+    """gpt2 ids of ``n`` template stories, each followed by <|endoftext|>: a name and a pet
+    that come back later in the story."""
+    from slm import tokenizer
+
+    rng = random.Random(0)
+    ids: list[int] = []
+    for _ in range(n):
+        name = rng.choice(["Tom", "Lily", "Sam", "Mia", "Ben", "Sue"])
+        pet = rng.choice(["cat", "dog", "bird", "fish", "frog"])
+        place = rng.choice(["park", "lake", "shop", "forest"])
+        text = f"{name} had a {pet}. {name} and the {pet} went to the {place}. The {pet} was happy."
+        ids += tokenizer.encode(text + " The end.") + [EOT_ID]
+    return ids
+
+
+@pytest.fixture(scope="session")
+def story_model():
+    """A 2-layer GPT (learned positions, block_size 32) trained for a few seconds on the
+    template stories. The loss is a softmax over the ~36 ids the stories use (the model's
+    own rows of the tied lm_head): the full 50k-way softmax would cost ~100 ms a step on 2
+    CPU cores and teach nothing more here. The other tokens keep their small random-init
+    logits, so greedy decoding stays on the stories' tokens. Its exact greedy stories depend
+    on the CPU's float rounding: tests compare decoders with each other, not with a text."""
+    import torch.nn.functional as F
+
+    from slm.model import GPT, GPTConfig
+
+    data = torch.tensor(template_stories())
+    used, targets = torch.unique(data, return_inverse=True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=STORY_BLOCK))
+    t = model.transformer
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(300):
+        ix = torch.randint(len(data) - STORY_BLOCK - 1, (16,)).tolist()
+        x = torch.stack([data[i : i + STORY_BLOCK] for i in ix])
+        y = torch.stack([targets[i + 1 : i + 1 + STORY_BLOCK] for i in ix])
+        h = t.wte(x) + t.wpe(torch.arange(STORY_BLOCK))
+        for block in t.h:
+            h = block(h)
+        logits = t.ln_f(h) @ model.lm_head.weight[used].T
+        loss = F.cross_entropy(logits.reshape(-1, len(used)), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1.0
+    return model.eval()
+
+
+def greedy(model, prompt: list[int], n: int, **kw) -> list[int]:
+    """The greedy continuation of ``prompt`` by ``slm.sample.generate``."""
+    from slm.sample import generate
+
+    return generate(model, prompt, n, temperature=0, **kw)[0]
+
+
+def reference(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding written out independently of slm's decoder: a full forward over the
+    window each step; a window that outgrows block_size keeps its newest block_size // 2."""
+    block = model.config.block_size
+    window, out = prompt[-block:], []
+    for _ in range(n):
+        logits, _ = model(torch.tensor([window]))
+        out.append(int(logits[0, -1].argmax()))
+        window = window + out[-1:]
+        if len(window) > block:
+            window = window[-(block // 2) :]
+    return out
+
+
 # model=tiny tokenizer=bpe on the real V2 piece (its BPE fitted there), at a constant lr
 # (min_lr = lr, no warmup): a run cut at any step and resumed with more steps is the run.
 BPE_ARGS = [

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slm import callbacks, sample, strategy  # noqa: E402
+from slm import callbacks, decode, strategy  # noqa: E402
 from slm.checkpoint import read  # noqa: E402
 from slm.config import compose  # noqa: E402
 from slm.errors import one_line  # noqa: E402
@@ -80,7 +80,7 @@ def run(spec: dict, rank: int) -> dict:
         if spec.get("stop_at") is not None:
             stack.enter_context(stop_at(spec["stop_at"]))
         if spec.get("static_decode"):
-            stack.enter_context(patched(sample, "uses_static_cache", lambda *_: True))
+            stack.enter_context(patched(decode, "static_shapes", lambda device: True))
         if spec.get("record_dtypes"):
             stack.enter_context(record_dtypes(seen))
         try:

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slm import sample
+from slm import decode, precision
+from slm.checkpoint import load_model
 from slm.config import ConfigError, compose, validate
 from slm.model import GPT, MLP, GPTConfig, KVCache, RMSNorm, apply_rope, rope_cache
 from slm.module import GPTModule
-from slm.sample import generate, load_model
+from slm.sample import generate
 
 BASE = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50257)
 KNOBS = {
@@ -46,14 +47,19 @@ def test_every_combination_shapes_causality_and_cache(knobs):
     assert not torch.allclose(out[:, 9], logits[:, 9])
     # prefill, a chunk, then one position per step through the cache == the full forward
     cache = KVCache(model.config, 2, "cpu", torch.float32)
-    parts = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:9], cache=cache)[0]]
-    parts += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 16)]
+    parts = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:9], cache=cache, pos=5)[0]]
+    parts += [model(idx[:, t : t + 1], cache=cache, pos=t)[0] for t in range(9, 16)]
     torch.testing.assert_close(torch.cat(parts, 1), logits, atol=1e-5, rtol=1e-5)
-    # the static step (GPT.decode): every cache slot read, masked to those <= pos
+    # the static step: a position tensor, every cache slot read, masked to those <= pos
     static = KVCache(model.config, 2, "cpu", torch.float32)
     model(idx[:, :9], cache=static)
-    steps = [model.decode(idx[:, t : t + 1], torch.tensor([t]), static) for t in range(9, 16)]
+    steps = [step(model, idx[:, t : t + 1], torch.tensor([t]), static) for t in range(9, 16)]
     torch.testing.assert_close(torch.stack(steps, 1), logits[:, 9:], atol=1e-5, rtol=1e-5)
+
+
+def step(model: GPT, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """The decoder's step: one token per row at its slot ``pos``, all block_size slots read."""
+    return model(idx, cache=cache, pos=pos, last_only=True)[0][:, -1]
 
 
 @pytest.mark.parametrize("positions", ["learned", "rope"])
@@ -66,8 +72,8 @@ def test_decode_with_a_position_per_row(positions):
     static = KVCache(model.config, 2, "cpu", torch.float32)
     model(idx[:, :9], cache=static)  # both rows filled up to slot 8
     for t in range(9, 11):  # row 1 moves two slots ahead; row 0 rewrites its slot 9
-        model.decode(idx[:, t : t + 1], torch.tensor([9, t]), static)
-    got = model.decode(torch.stack([idx[0, 9], idx[1, 11]])[:, None], torch.tensor([9, 11]), static)
+        step(model, idx[:, t : t + 1], torch.tensor([9, t]), static)
+    got = step(model, torch.stack([idx[0, 9], idx[1, 11]])[:, None], torch.tensor([9, 11]), static)
     torch.testing.assert_close(got[0], full[0, 9], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], full[1, 11], atol=1e-5, rtol=1e-5)
 
@@ -92,17 +98,19 @@ def test_a_bf16_or_fp16_cache_under_fp32_activations(family, dtype, monkeypatch)
     expected = model(idx)[0]
     growing, static = (KVCache(model.config, 2, "cpu", dtype) for _ in range(2))
     got = [model(idx[:, :5], cache=growing)[0]]
-    got += [model(idx[:, t : t + 1], cache=growing)[0] for t in range(5, 8)]
+    got += [model(idx[:, t : t + 1], cache=growing, pos=t)[0] for t in range(5, 8)]
     model(idx[:, :5], cache=static)
-    steps = [model.decode(idx[:, t : t + 1], torch.tensor([t]), static) for t in range(5, 8)]
+    steps = [step(model, idx[:, t : t + 1], torch.tensor([t]), static) for t in range(5, 8)]
     assert growing.k[1].dtype == static.v[1].dtype == dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3  # the cache's rounding
     torch.testing.assert_close(torch.cat(got, 1), expected, atol=tol, rtol=0)
     torch.testing.assert_close(torch.stack(steps, 1), expected[:, 5:], atol=tol, rtol=0)
-    # generate with such a cache, eager and on the static path, across context shifts
-    monkeypatch.setattr(sample, "inference_precision", lambda *_: (contextlib.nullcontext(), dtype))
-    for static_path in (False, True):
-        monkeypatch.setattr(sample, "uses_static_cache", lambda *_, s=static_path: s)
+    # generate with such a cache, eager and with static shapes, across context shifts
+    monkeypatch.setattr(
+        precision, "inference_precision", lambda *_: (contextlib.nullcontext(), dtype)
+    )
+    for static in (False, True):
+        monkeypatch.setattr(decode, "static_shapes", lambda device, s=static: s)
         assert len(generate(model, [1, 2, 3], 12, temperature=0, stop_token=None)[0]) == 12
 
 
@@ -208,12 +216,14 @@ def test_rope_cache_shift_equals_sliding_window_recompute(knobs, monkeypatch):
     first_seen, parts, oldest = [], [], 0  # first_seen[i]: the oldest token token i sees
     parts.append(model(idx[:, :5], cache=cache)[0])
     first_seen += [0] * 5
+    filled = 5
     for t in range(5, n):
-        if cache.pos == block:  # full: keep the newest `keep` positions
-            model.shift_cache(cache, keep)
-            oldest = t - keep
-        parts.append(model(idx[:, t : t + 1], cache=cache)[0])
+        if filled == block:  # full: keep the newest `keep` positions
+            model.shift_cache(cache, filled, keep)
+            filled, oldest = keep, t - keep
+        parts.append(model(idx[:, t : t + 1], cache=cache, pos=filled)[0])
         first_seen.append(oldest)
+        filled += 1
     assert oldest > 0  # the cache was shifted (twice)
 
     # The reference: the same weights, a block_size that holds the whole sequence, and SDPA
@@ -235,22 +245,22 @@ def test_rope_cache_shift_equals_sliding_window_recompute(knobs, monkeypatch):
 @pytest.mark.parametrize("knobs", [{}, MODERN], ids=["gpt2", "modern"])
 def test_static_decode_masks_the_stale_slots(knobs):
     """After a context shift (RoPE) or a refill (learned positions) the slots past ``pos``
-    still hold the keys of dropped tokens: ``GPT.decode`` reads all block_size slots, so only
-    its mask keeps them out. It must equal the growing cache, which never reads them."""
+    still hold the keys of dropped tokens: a step with a position tensor reads all block_size
+    slots, so only its mask keeps them out. It must equal the slice of the filled slots, which
+    never reads them."""
     model = make(**knobs)
     idx = torch.randint(0, BASE.vocab_size, (2, 27))
     growing, static = (KVCache(model.config, 2, "cpu", torch.float32) for _ in range(2))
     for cache in (growing, static):
         model(idx[:, :16], cache=cache)  # full: block_size=16
         if model.config.positions == "rope":
-            model.shift_cache(cache, 5)
+            model.shift_cache(cache, 16, 5)
         else:
-            cache.pos = 0
             model(idx[:, 11:16], cache=cache)
     for t in range(16, 27):  # slots 5..15 are stale until this loop writes them
-        expected = model(idx[:, t : t + 1], cache=growing, last_only=True)[0][:, -1]
-        got = model.decode(idx[:, t : t + 1], torch.tensor([static.pos]), static)
-        static.pos += 1
+        slot = t - 11
+        expected = model(idx[:, t : t + 1], cache=growing, pos=slot, last_only=True)[0][:, -1]
+        got = step(model, idx[:, t : t + 1], torch.tensor([slot]), static)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -261,8 +271,7 @@ def test_shift_cache_keeps_nothing_of_a_full_cache():
     idx = torch.randint(0, BASE.vocab_size, (1, 20))
     cache = KVCache(model.config, 1, "cpu", torch.float32)
     model(idx[:, :16], cache=cache)
-    model.shift_cache(cache, 0)
-    assert cache.pos == 0
+    model.shift_cache(cache, 16, 0)
     fresh = KVCache(model.config, 1, "cpu", torch.float32)
     after = model(idx[:, 16:], cache=cache)[0]
     torch.testing.assert_close(after, model(idx[:, 16:], cache=fresh)[0])
@@ -272,8 +281,8 @@ def test_shift_cache_keeps_nothing_of_a_full_cache():
 def test_generate_with_rope_and_a_tiny_block(block_size, monkeypatch):
     """block_size 2 or 3 keeps one token at each shift (block_size // 2 - 1 of the cache)."""
     model = GPT(dataclasses.replace(BASE, block_size=block_size, **MODERN)).eval()
-    for static_path in (False, True):
-        monkeypatch.setattr(sample, "uses_static_cache", lambda *_, s=static_path: s)
+    for static in (False, True):
+        monkeypatch.setattr(decode, "static_shapes", lambda device, s=static: s)
         assert len(generate(model, [1, 2], 9, temperature=0, stop_token=None)[0]) == 9
 
 
@@ -282,7 +291,7 @@ def test_shift_cache_needs_rope():
     cache = KVCache(model.config, 1, "cpu", torch.float32)
     model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="shift_cache needs positions=rope"):
-        model.shift_cache(cache, 2)
+        model.shift_cache(cache, 4, 2)
 
 
 def test_generate_with_rope_keeps_the_cache(monkeypatch):

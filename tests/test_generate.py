@@ -1,11 +1,10 @@
-"""Generation: the KV-cache sampler against full recomputation, sampling filters, stopping,
-checkpoint loading and generate.py's errors."""
+"""generate(): prompts, stopping, compiled decoding, checkpoint loading and generate.py (the
+decoder's own tests, cache against recomputation, are in test_decode.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import pickle
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,74 +12,32 @@ from pathlib import Path
 import pytest
 import tiktoken
 import torch
-import torch.nn.functional as F
+from conftest import STORY_BLOCK, greedy, reference, template_stories
 
 from slm import tokenizer
 from slm.checkpoint import load_checkpoint, load_model
 from slm.config import compose
 from slm.errors import CheckpointError
-from slm.model import GPT, GPTConfig
+from slm.model import GPT, GPTConfig, KVCache
 from slm.module import GPTModule
 from slm.precision import resolve_device
-from slm.sample import check_sampling, filter_logits, generate, warm_up
+from slm.sample import generate, warm_up
+from slm.sampling import check_sampling
 from slm.tokenizer import EOT_ID
 
 REPO = Path(__file__).resolve().parents[1]
-BLOCK = 32
-CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)
-
-
-def _stories(n: int = 300) -> list[int]:
-    """Template stories in which a name is repeated (the model must look back to copy it)."""
-    rng = random.Random(0)
-    ids: list[int] = []
-    for _ in range(n):
-        name = rng.choice(["Tom", "Lily", "Sam", "Mia", "Ben", "Sue"])
-        pet = rng.choice(["cat", "dog", "bird", "fish", "frog"])
-        place = rng.choice(["park", "lake", "shop", "forest"])
-        text = f"{name} had a {pet}. {name} and the {pet} went to the {place}. The {pet} was happy."
-        ids += tokenizer.encode(text + " The end.") + [EOT_ID]
-    return ids
+BLOCK = STORY_BLOCK
 
 
 @pytest.fixture(scope="module")
-def trained() -> GPT:
-    """A 2-layer GPT trained for a couple of seconds on the stories above.
-
-    The loss is a softmax over the ~36 token ids the stories use (the model's own rows of the
-    tied lm_head): the full 50k-way softmax would cost ~100 ms a step on 2 CPU cores and
-    teach nothing more here. The other tokens keep their small random-init logits, so greedy
-    decoding stays on the stories' tokens."""
-    data = torch.tensor(_stories())
-    used, targets = torch.unique(data, return_inverse=True)
-    torch.manual_seed(0)
-    model = GPT(CONFIG)
-    t = model.transformer
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(200):
-        ix = torch.randint(len(data) - BLOCK - 1, (16,)).tolist()
-        x = torch.stack([data[i : i + BLOCK] for i in ix])
-        y = torch.stack([targets[i + 1 : i + 1 + BLOCK] for i in ix])
-        h = t.wte(x) + t.wpe(torch.arange(BLOCK))
-        for block in t.h:
-            h = block(h)
-        logits = t.ln_f(h) @ model.lm_head.weight[used].T
-        loss = F.cross_entropy(logits.reshape(-1, len(used)), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1.0
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def ckpts(trained, tmp_path_factory) -> dict[str, Path]:
-    """The trained model as slm.pt and as a Lightning-format .ckpt."""
+def ckpts(story_model, tmp_path_factory) -> dict[str, Path]:
+    """The story_model model as slm.pt and as a Lightning-format .ckpt."""
     d = tmp_path_factory.mktemp("ckpts")
     pt = d / "slm.pt"
-    torch.save({"model_args": CONFIG.to_dict(), "model": trained.state_dict(), "step": 200}, pt)
-    module = GPTModule(**CONFIG.to_dict(), max_steps=200)
-    module.model.load_state_dict(trained.state_dict())
+    config = story_model.config.to_dict()
+    torch.save({"model_args": config, "model": story_model.state_dict(), "step": 200}, pt)
+    module = GPTModule(**story_model.config.to_dict(), max_steps=200)
+    module.model.load_state_dict(story_model.state_dict())
     ckpt = d / "last.ckpt"  # what Lightning stores, less the optimizer and loop states
     torch.save(
         {
@@ -95,136 +52,72 @@ def ckpts(trained, tmp_path_factory) -> dict[str, Path]:
     return {"pt": pt, "ckpt": ckpt}
 
 
-def greedy(model: GPT, prompt: list[int], n: int, **kw) -> list[int]:
-    return generate(model, prompt, n, temperature=0, **kw)[0]
-
-
-def reference(model: GPT, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding written out independently: a full forward over the window each step;
-    a window that outgrows block_size keeps its newest block_size // 2 tokens."""
-    window, out = prompt[-BLOCK:], []
-    for _ in range(n):
-        logits, _ = model(torch.tensor([window]))
-        out.append(int(logits[0, -1].argmax()))
-        window = window + out[-1:]
-        if len(window) > BLOCK:
-            window = window[-(BLOCK // 2) :]
-    return out
-
-
-# -- the cache -------------------------------------------------------------------------------
-
-
-def test_greedy_cache_equals_no_cache_across_block_size(trained):
-    prompt = tokenizer.encode("Tom had a")
-    n = 100  # the window passes block_size=32 at 33 tokens, then every 16: 5 context shifts
-    cached = greedy(trained, prompt, n, stop_token=None)
-    assert len(cached) == n
-    assert cached == greedy(trained, prompt, n, stop_token=None, use_cache=False)
-    assert cached == reference(trained, prompt, n)
-    stories = tokenizer.decode(cached).split("<|endoftext|>")
-    assert " Tom and the " in stories[0] and len(stories) >= 4  # the name is copied
-
-
-def test_cache_one_position_per_step(trained, monkeypatch):
-    """One prefill, then one position per step; a full refill only at a context shift."""
-    lengths = []
-    forward = trained.forward
-
-    def spy(idx, *args, **kwargs):
-        lengths.append(idx.size(1))
-        return forward(idx, *args, **kwargs)
-
-    monkeypatch.setattr(trained, "forward", spy)
-    greedy(trained, tokenizer.encode("Tom had a"), 60, stop_token=None)  # 3 + 60 tokens
-    # 3 prompt tokens + 29 one-token steps fill 32 positions; the 33rd token shifts to 16.
-    assert lengths == [3] + [1] * 29 + [16] + [1] * 16 + [16] + [1] * 12
-    assert len(lengths) == 60  # one forward per new token but the last
-
-
-def test_sampling_cache_equals_no_cache(trained):
-    prompt = tokenizer.encode("Sue had a")
-    kw = dict(temperature=1.0, top_k=20, num_samples=2, stop_token=None)
-    a = generate(trained, prompt, 70, generator=torch.Generator().manual_seed(3), **kw)
-    b = generate(
-        trained, prompt, 70, generator=torch.Generator().manual_seed(3), use_cache=False, **kw
-    )
-    assert a == b
-
-
-def test_long_prompt_keeps_last_block_size_tokens(trained):
+def test_long_prompt_keeps_last_block_size_tokens(story_model):
     prompt = tokenizer.encode(" ".join(["Ben had a dog."] * 12))
     assert len(prompt) > BLOCK
     with pytest.warns(UserWarning, match="keeping its last 32"):
-        out = greedy(trained, prompt, 40, stop_token=None)
-    assert out == greedy(trained, prompt[-BLOCK:], 40, stop_token=None)  # no warning there
-    assert out == reference(trained, prompt, 40)
+        out = greedy(story_model, prompt, 40, stop_token=None)
+    assert out == greedy(story_model, prompt[-BLOCK:], 40, stop_token=None)  # no warning there
+    assert out == reference(story_model, prompt, 40)
     with pytest.warns(UserWarning):
-        assert out == greedy(trained, prompt, 40, stop_token=None, use_cache=False)
+        assert out == greedy(story_model, prompt, 40, stop_token=None, use_cache=False)
 
 
-def test_prompt_of_exactly_block_size(trained):
-    prompt = _stories(3)[:BLOCK]
-    assert greedy(trained, prompt, 20, stop_token=None) == reference(trained, prompt, 20)
+def test_prompt_of_exactly_block_size(story_model):
+    prompt = template_stories(3)[:BLOCK]
+    assert greedy(story_model, prompt, 20, stop_token=None) == reference(story_model, prompt, 20)
 
 
-def test_batch_of_prompts_equals_one_by_one(trained):
+def test_batch_of_prompts_equals_one_by_one(story_model):
     a, b = tokenizer.encode("Ben had a"), tokenizer.encode("Sam had a")
     assert len(a) == len(b)
-    both = generate(trained, torch.tensor([a, b]), 30, temperature=0)
-    assert both == [greedy(trained, a, 30), greedy(trained, b, 30)]
+    both = generate(story_model, torch.tensor([a, b]), 30, temperature=0)
+    assert both == [greedy(story_model, a, 30), greedy(story_model, b, 30)]
 
 
 # -- the compiled decode step (inductor on the CPU; CUDA graphs need a GPU) ----------------------
 # Each new (config, batch size) compiles for ~5-15 s on 2 CPU cores: the tests share batch 1
-# and batch 3 of the trained model and batch 1 of one RoPE model.
+# and batch 3 of the story_model model and batch 1 of one RoPE model.
 
 
 @pytest.mark.slow
-def test_compiled_greedy_equals_eager_across_context_shifts(trained):
+def test_compiled_greedy_equals_eager_across_context_shifts(story_model):
     prompt = tokenizer.encode("Tom had a")
     n = 100  # 5 context shifts (refills: learned positions)
-    compiled = greedy(trained, prompt, n, stop_token=None, compile=True)
-    assert compiled == greedy(trained, prompt, n, stop_token=None)
-    assert compiled == reference(trained, prompt, n)
+    compiled = greedy(story_model, prompt, n, stop_token=None, compile=True)
+    assert compiled == greedy(story_model, prompt, n, stop_token=None)
+    assert compiled == reference(story_model, prompt, n)
 
 
 @pytest.mark.slow
-def test_compiled_with_rope_keeps_the_cache_across_shifts(monkeypatch):
-    """RoPE: the static cache is shifted in place (no refill) and the compiled step goes on."""
+def test_compiled_with_rope_keeps_the_cache_across_shifts():
+    """RoPE: the compiled decoder's cache is shifted in place (no refill) and its compiled
+    step goes on, giving eager's tokens."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, positions="rope"))
     model.eval()
     prompt = tokenizer.encode("Tom had a")
     eager = greedy(model, prompt, 80, stop_token=None)  # 4 shifts
-    lengths, forward = [], model.forward
-
-    def spy(idx, *args, **kwargs):
-        lengths.append(idx.size(1))
-        return forward(idx, *args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", spy)
     assert greedy(model, prompt, 80, stop_token=None, compile=True) == eager
-    assert lengths == [3]  # the prefill; every other position is a compiled GPT.decode
 
 
 @pytest.mark.slow
-def test_compiled_long_prompt(trained):
+def test_compiled_long_prompt(story_model):
     prompt = tokenizer.encode(" ".join(["Ben had a dog."] * 12))
     assert len(prompt) > BLOCK
     with pytest.warns(UserWarning, match="keeping its last 32"):
-        out = greedy(trained, prompt, 40, stop_token=None, compile=True)
-    assert out == reference(trained, prompt, 40)
+        out = greedy(story_model, prompt, 40, stop_token=None, compile=True)
+    assert out == reference(story_model, prompt, 40)
 
 
 @pytest.mark.slow
-def test_compiled_batch_with_samples_ending_at_different_steps(trained):
+def test_compiled_batch_with_samples_ending_at_different_steps(story_model):
     prompts = [tokenizer.encode(p) for p in ("was happy. The", "Mia and the", "Tom had a dog")]
-    eager = generate(trained, torch.tensor(prompts), 50, temperature=0)
-    assert [len(s) for s in eager] == [2, 7, 18]  # then EOT, at steps 3, 8 and 19
+    eager = generate(story_model, torch.tensor(prompts), 50, temperature=0)
+    assert len({len(s) for s in eager}) == 3 and max(map(len, eager)) < 50  # EOT, 3 times
     streamed = []
     compiled = generate(
-        trained,
+        story_model,
         torch.tensor(prompts),
         50,
         temperature=0,
@@ -236,12 +129,12 @@ def test_compiled_batch_with_samples_ending_at_different_steps(trained):
 
 
 @pytest.mark.slow
-def test_compiled_seeded_sampling_equals_eager(trained):
+def test_compiled_seeded_sampling_equals_eager(story_model):
     def sample(seed: int, compile: bool) -> list[list[int]]:
         g = torch.Generator().manual_seed(seed)
         prompt = tokenizer.encode("Lily had")
         kw = dict(temperature=1.0, top_k=20, top_p=0.9, num_samples=3, stop_token=None)
-        return generate(trained, prompt, 60, generator=g, compile=compile, **kw)
+        return generate(story_model, prompt, 60, generator=g, compile=compile, **kw)
 
     first = sample(1337, compile=True)
     assert first == sample(1337, compile=False) == sample(1337, compile=True)
@@ -249,14 +142,14 @@ def test_compiled_seeded_sampling_equals_eager(trained):
 
 
 @pytest.mark.slow
-def test_compile_is_paid_once(trained):
+def test_compile_is_paid_once(story_model):
     """warm_up compiles the step for a batch size; later generate() calls, with any model of
     the same config, compile nothing more (dynamo traces no new frame)."""
-    warm_up(trained, 1)
+    warm_up(story_model, 1)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs > 0  # (the counter that dynamo keeps: frames/ok is no longer counted)
-    greedy(trained, tokenizer.encode("Sam had a"), 40, stop_token=None, compile=True)
-    other = GPT(CONFIG).eval()
+    greedy(story_model, tokenizer.encode("Sam had a"), 40, stop_token=None, compile=True)
+    other = GPT(story_model.config).eval()
     greedy(other, tokenizer.encode("Sam had a"), 40, stop_token=None, compile=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
@@ -264,11 +157,11 @@ def test_compile_is_paid_once(trained):
 # -- sampling --------------------------------------------------------------------------------
 
 
-def test_same_seed_same_samples(trained):
+def test_same_seed_same_samples(story_model):
     def sample(seed: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(seed)
         prompt = tokenizer.encode("Lily had")
-        return generate(trained, prompt, 30, temperature=1.0, num_samples=3, generator=g)
+        return generate(story_model, prompt, 30, temperature=1.0, num_samples=3, generator=g)
 
     first = sample(1337)
     assert first == sample(1337)
@@ -276,74 +169,15 @@ def test_same_seed_same_samples(trained):
     assert len({tuple(s) for s in first}) > 1  # the batch's samples are drawn independently
 
 
-def kept(logits: torch.Tensor) -> set[int]:
-    return set(torch.isfinite(logits[0]).nonzero()[:, 0].tolist())
-
-
-PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-
-
-def test_top_k_keeps_the_k_largest():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
-    assert kept(filter_logits(logits, top_k=1)) == {4}
-    assert kept(filter_logits(logits, top_k=2)) == {4, 0}
-    assert kept(filter_logits(logits, top_k=4)) == {4, 0, 1, 2}
-    assert kept(filter_logits(logits, top_k=5)) == kept(filter_logits(logits, top_k=99))
-    out = filter_logits(logits, top_k=2)
-    assert out[0, 0] == 2.0 and out[0, 4] == 3.0 and out[0, 1] == float("-inf")
-    # A tie with the k-th largest is kept: the set never depends on how ties are ordered.
-    assert kept(filter_logits(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), top_k=1)) == {1, 2}
-
-
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    assert kept(filter_logits(PROBS, top_p=0.01)) == {0}  # the top token always stays
-    assert kept(filter_logits(PROBS, top_p=0.4)) == {0}
-    assert kept(filter_logits(PROBS, top_p=0.7)) == {0, 1}
-    assert kept(filter_logits(PROBS, top_p=0.83)) == {0, 1, 2}
-    assert kept(filter_logits(PROBS, top_p=0.96)) == {0, 1, 2, 3}
-    assert kept(filter_logits(PROBS, top_p=1.0)) == {0, 1, 2, 3}
-    assert kept(filter_logits(torch.zeros(1, 4), top_p=0.3)) == {0, 1, 2, 3}  # all tied
-    shuffled = PROBS[:, [2, 0, 3, 1]]
-    assert kept(filter_logits(shuffled, top_p=0.7)) == {1, 3}
-
-
-def test_top_p_cut_is_exact_over_a_gpt2_vocab():
-    """Against a float64 reference, top_p just below and just above the mass of the k most
-    likely of 50,257 tokens (a thousandth of a token's probability away): a float32 cumulative
-    sum from the most likely token drifted enough to put tokens on the wrong side."""
-    logits = torch.randn(1, 50257, generator=torch.Generator().manual_seed(0)) * 2
-    probs, order = logits.double().softmax(-1)[0].sort(descending=True)
-    mass = probs.cumsum(0)  # mass[k]: of the k + 1 most likely tokens
-    ks = torch.searchsorted(mass, torch.linspace(0.3, 0.99, 8, dtype=torch.float64)).tolist()
-    for k in ks:
-        below, above = mass[k] - 1e-3 * probs[k], mass[k] + 1e-3 * probs[k + 1]
-        assert kept(filter_logits(logits, top_p=float(below))) == set(order[: k + 1].tolist())
-        assert kept(filter_logits(logits, top_p=float(above))) == set(order[: k + 2].tolist())
-
-
-def test_top_k_then_top_p_and_temperature():
-    # top-k first, then top-p on the renormalised rest: 0.5/0.95 + 0.3/0.95 = 0.84 >= 0.83.
-    assert kept(filter_logits(PROBS, top_k=3, top_p=0.83)) == {0, 1}
-    # A temperature below 1 sharpens (0.69, 0.25, ...), so fewer tokens reach top_p=0.9.
-    assert kept(filter_logits(PROBS, temperature=1.0, top_p=0.9)) == {0, 1, 2}
-    assert kept(filter_logits(PROBS, temperature=0.5, top_p=0.9)) == {0, 1}
-    assert kept(filter_logits(PROBS, temperature=5.0, top_p=0.9)) == {0, 1, 2, 3}
-    torch.testing.assert_close(filter_logits(PROBS, temperature=2.0), PROBS / 2)
-    assert kept(filter_logits(PROBS, temperature=0)) == {0}
-    rows = torch.cat([PROBS, PROBS.flip(-1)])  # rows are filtered independently
-    out = filter_logits(rows, top_k=1)
-    assert kept(out) == {0} and kept(out[1:]) == {3}
-
-
 # -- stopping --------------------------------------------------------------------------------
 
 
-def test_stops_at_eot(trained):
+def test_stops_at_eot(story_model):
     prompt = tokenizer.encode("Tom had a")
-    out = greedy(trained, prompt, 100)
+    out = greedy(story_model, prompt, 100)
     assert tokenizer.decode(out).endswith("was happy. The end.")
-    assert greedy(trained, prompt, 100, stop_token=None)[len(out)] == EOT_ID
-    assert greedy(trained, prompt, 5) == out[:5]  # or at max_new_tokens
+    assert greedy(story_model, prompt, 100, stop_token=None)[len(out)] == EOT_ID
+    assert greedy(story_model, prompt, 5) == out[:5]  # or at max_new_tokens
 
 
 class Scripted(torch.nn.Module):
@@ -355,7 +189,10 @@ class Scripted(torch.nn.Module):
         self.unused = torch.nn.Parameter(torch.zeros(1))
         self.scripts, self.inputs = scripts, []
 
-    def forward(self, idx, targets=None, cache=None, last_only=False):
+    def new_cache(self, batch: int, dtype=None) -> KVCache:
+        return KVCache(self.config, batch, "cpu", torch.float32)
+
+    def forward(self, idx, targets=None, cache=None, pos=0, span=None, last_only=False):
         step = len(self.inputs)
         self.inputs.append(idx.tolist())
         c = self.config
@@ -363,8 +200,6 @@ class Scripted(torch.nn.Module):
         end = c.eot_id if c.eot_id < c.vocab_size else 0
         for i, s in enumerate(self.scripts):
             logits[i, 0, s[step] if step < len(s) else end] = 1.0
-        if cache is not None:
-            cache.pos += idx.size(1)
         return logits, None
 
 
@@ -398,31 +233,31 @@ def test_a_model_of_another_tokenizer_starts_and_stops_at_its_own_eot():
         generate(toy, [], 3)
 
 
-def test_empty_prompt_starts_from_eot(trained):
-    assert greedy(trained, [], 30) == greedy(trained, [EOT_ID], 30)
-    assert generate(trained, [], 0) == [[]]
+def test_empty_prompt_starts_from_eot(story_model):
+    assert greedy(story_model, [], 30) == greedy(story_model, [EOT_ID], 30)
+    assert generate(story_model, [], 0) == [[]]
 
 
-def test_model_mode_is_restored(trained):
-    trained.train()
+def test_model_mode_is_restored(story_model):
+    story_model.train()
     try:
-        greedy(trained, [EOT_ID], 3)
-        assert trained.training
+        greedy(story_model, [EOT_ID], 3)
+        assert story_model.training
     finally:
-        trained.eval()
+        story_model.eval()
 
 
 # -- checkpoints -----------------------------------------------------------------------------
 
 
-def test_loads_slm_pt_and_lightning_ckpt(trained, ckpts):
+def test_loads_slm_pt_and_lightning_ckpt(story_model, ckpts):
     prompt = tokenizer.encode("Tom had a")
-    expected = greedy(trained, prompt, 20)
+    expected = greedy(story_model, prompt, 20)
     for path in ckpts.values():
         model = load_model(path)
-        assert not model.training and model.config == CONFIG
+        assert not model.training and model.config == story_model.config
         assert model.lm_head.weight is model.transformer.wte.weight
-        for k, v in trained.state_dict().items():
+        for k, v in story_model.state_dict().items():
             assert torch.equal(model.state_dict()[k], v), k
         assert greedy(model, prompt, 20) == expected
 
@@ -436,14 +271,14 @@ class Arbitrary:
     pass
 
 
-def test_bad_checkpoints(trained, ckpts, tmp_path):
+def test_bad_checkpoints(story_model, ckpts, tmp_path):
     good = ckpts["pt"].read_bytes()
-    state = trained.state_dict()
+    state = story_model.state_dict()
     (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     (tmp_path / "object.pkl").write_bytes(pickle.dumps(Arbitrary()))
-    wide = CONFIG.to_dict() | {"n_embd": 64}
+    wide = story_model.config.to_dict() | {"n_embd": 64}
     cases = {
         tmp_path / "missing.pt": "no such file",
         tmp_path: "is a directory",
@@ -456,12 +291,13 @@ def test_bad_checkpoints(trained, ckpts, tmp_path):
         _save(
             tmp_path / "key.pt",
             {
-                "model_args": CONFIG.to_dict(),
+                "model_args": story_model.config.to_dict(),
                 "model": {k: v for k, v in state.items() if "ln_f" not in k},
             },
         ): "transformer.ln_f.weight is missing",
         _save(
-            tmp_path / "heads.pt", {"model_args": CONFIG.to_dict() | {"n_head": 3}, "model": state}
+            tmp_path / "heads.pt",
+            {"model_args": story_model.config.to_dict() | {"n_head": 3}, "model": state},
         ): "not divisible",
     }
     for path, reason in cases.items():
@@ -471,9 +307,9 @@ def test_bad_checkpoints(trained, ckpts, tmp_path):
         assert "\n" not in message and str(path) in message, message
 
 
-def test_load_checkpoint_reads_lightning_hparams(ckpts):
+def test_load_checkpoint_reads_lightning_hparams(ckpts, story_model):
     config, state = load_checkpoint(ckpts["ckpt"])
-    assert config == CONFIG
+    assert config == story_model.config
     assert not any(k.startswith("model.") for k in state)
 
 
@@ -572,19 +408,19 @@ def test_cli_without_the_bpe_files_offline(ckpts, monkeypatch, capsys):
     assert err.count("\n") == 1
 
 
-def test_cli_generates(ckpts, trained, capsys):
+def test_cli_generates(ckpts, story_model, capsys):
     cfg = compose(
         "generate",
         [f"ckpt={ckpts['ckpt']}", "prompt=Tom had a", "temperature=0", "num_samples=2"],
     )
     assert _cli().run(cfg) == 0
     out, err = capsys.readouterr()
-    story = "Tom had a" + tokenizer.decode(greedy(trained, tokenizer.encode("Tom had a"), 200))
+    story = "Tom had a" + tokenizer.decode(greedy(story_model, tokenizer.encode("Tom had a"), 200))
     assert out == f"--- sample 1/2 ---\n{story}\n--- sample 2/2 ---\n{story}\n"
     assert "tokens/s" in err and "compile" not in err  # compile=auto: on CUDA only
 
 
-def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, trained, capsys):
+def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, story_model, capsys):
     """A prompt longer than block_size: one warning, before the text, with the tokens and
     characters kept; the stories continue from those tokens."""
     prompt = "Ben had a dog. " * 12
@@ -600,12 +436,12 @@ def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, trained, capsy
         f"{len(kept)} of its {len(prompt)} characters, from {kept[:24]!r}"
     )
     assert len(err.splitlines()) == 2  # and the summary line
-    story = tokenizer.decode(greedy(trained, ids[-BLOCK:], 8))
+    story = tokenizer.decode(greedy(story_model, ids[-BLOCK:], 8))
     assert out == prompt + story + "\n"
 
 
 @pytest.mark.slow
-def test_cli_compiled(ckpts, trained, capsys):
+def test_cli_compiled(ckpts, story_model, capsys):
     overrides = [f"ckpt={ckpts['pt']}", "prompt=Tom had a", "temperature=0", "num_samples=3"]
     assert _cli().run(compose("generate", overrides)) == 0
     eager, _ = capsys.readouterr()

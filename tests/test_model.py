@@ -107,10 +107,26 @@ def test_kv_cache_matches_full_forward(model):
     idx = torch.randint(0, TINY.vocab_size, (2, 16))
     full, _ = model(idx)
     cache = KVCache(TINY, batch=2, device="cpu", dtype=torch.float32)
-    parts = [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:9], cache=cache)[0]]
-    parts += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 16)]
-    assert cache.pos == 16
+    parts = [model(idx[:, :5], cache=cache, pos=0)[0], model(idx[:, 5:9], cache=cache, pos=5)[0]]
+    parts += [model(idx[:, t : t + 1], cache=cache, pos=t)[0] for t in range(9, 16)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sequence of 17 tokens exceeds block_size=16"):
+        model(idx[:, :2], cache=cache, pos=15)
+
+
+def test_generate_appends_new_tokens_as_nanogpt_does(model):
+    """The seed's example: ``model.generate(context, max_new_tokens)`` on a (1, 1) tensor of
+    zeros returns the context with the new tokens appended (through ``slm.sample``)."""
+    context = torch.zeros((1, 1), dtype=torch.long)
+    torch.manual_seed(0)
+    out = model.generate(context, max_new_tokens=20)
+    assert out.shape == (1, 21) and out[0, 0] == 0 and out.dtype == torch.long
+    greedy = model.generate(torch.tensor([[1, 2], [3, 4]]), 5, temperature=0, top_k=3)
+    from slm.sample import generate
+
+    assert greedy[:, 2:].tolist() == generate(
+        model, torch.tensor([[1, 2], [3, 4]]), 5, temperature=0, stop_token=None
+    )
 
 
 def test_loss_over_padded_logits_equals_real_vocab_cross_entropy(model):

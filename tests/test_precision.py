@@ -12,7 +12,7 @@ from test_config import GPUS
 from test_train import tiny_cfg
 from torch.utils.data import DataLoader, Dataset
 
-from slm import precision, sample
+from slm import decode, precision, sample
 from slm.evaluate import score
 from slm.model import GPT, GPTConfig, KVCache
 from slm.module import GPTModule
@@ -202,7 +202,7 @@ def like_a_gpu(monkeypatch):
 
     def set_precision(prec: str) -> None:
         monkeypatch.setattr(precision, "default_precision", lambda device: prec)
-        monkeypatch.setattr(sample, "uses_static_cache", lambda device, compile: True)
+        monkeypatch.setattr(decode, "static_shapes", lambda device: True)
 
     return set_precision
 
@@ -215,7 +215,7 @@ def test_decode_and_generate_under_cuda_autocast(
     """The static decode step writes the float32 keys of qk_norm into a bf16/fp16 cache (what
     crashed generate.py and SampleStories on every GPU), and its logits are those of the fp32
     forward within the autocast dtype's precision; generate takes that path as on CUDA."""
-    dtype, decode = MIXED[prec], GPT.decode
+    dtype = MIXED[prec]
     model = family_model(family)
     idx = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
     expected = model(idx)[0]  # fp32, no autocast
@@ -225,14 +225,23 @@ def test_decode_and_generate_under_cuda_autocast(
             k = model.transformer.h[0].attn.k_norm(torch.ones(2, 8, dtype=dtype))
             assert k.dtype == torch.float32
         cache = KVCache(model.config, 2, "cpu", dtype)
-        model(idx[:, :5], cache=cache)  # prefill: the growing cache's write
-        steps = [model.decode(idx[:, t : t + 1], torch.tensor([t]), cache) for t in range(5, 8)]
+        model(idx[:, :5], cache=cache)  # prefill: a slice of the cache written
+        steps = [  # the static step: a position tensor, every slot read, masked
+            model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]), last_only=True)[0][:, -1]
+            for t in range(5, 8)
+        ]
     assert cache.k[0].dtype == cache.v[1].dtype == dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     torch.testing.assert_close(torch.stack(steps, 1).float(), expected[:, 5:], atol=tol, rtol=0)
     # generate on the static path (eager, as on CUDA), across two context shifts
-    decoded = []
-    monkeypatch.setattr(GPT, "decode", lambda *a: decoded.append(a[3].k[0].dtype) or decode(*a))
+    decoded, forward = [], model.forward
+
+    def spy(idx, targets=None, cache=None, pos=0, **kw):
+        if torch.is_tensor(pos):  # a step, at a position tensor
+            decoded.append(cache.k[0].dtype)
+        return forward(idx, targets, cache, pos, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
     out = sample.generate(model, idx[0, :3].tolist(), 12, temperature=0, stop_token=None)
     shifts = 0 if model.config.positions == "rope" else 2  # learned: refilled, not decoded
     assert len(out[0]) == 12 and decoded == [dtype] * (11 - shifts)
@@ -249,10 +258,7 @@ def test_compiled_generate_under_cuda_autocast(cuda_autocast, like_a_gpu, family
     out = sample.generate(model, [1, 2, 3], 12, temperature=0, stop_token=None, compile=True)
     assert len(out[0]) == 12
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # compiled
-    assert (
-        sample._STATIC_CACHES[model][1, torch.device("cpu"), MIXED[prec]].k[0].dtype
-        == (MIXED[prec])
-    )
+    assert decode.shared(model, 1).cache.k[0].dtype == MIXED[prec]
 
 
 class Windows(Dataset):

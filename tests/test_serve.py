@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 import shutil
 import socket
 import threading
@@ -30,7 +29,7 @@ import httpx2 as httpx  # noqa: E402  (openai's HTTP client)
 import uvicorn  # noqa: E402
 
 from slm.config import compose  # noqa: E402
-from slm.engine import Engine, Request, _Text  # noqa: E402
+from slm.engine import Engine, Request, SampleText  # noqa: E402
 from slm.model import GPT, GPTConfig  # noqa: E402
 from slm.sample import generate  # noqa: E402
 from slm.serve import build  # noqa: E402
@@ -40,46 +39,7 @@ TOK = gpt2()
 EOT = TOK.eot_id
 BLOCK = 32
 KEY = "sesame"
-STORY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)
 ROPE = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, positions="rope")
-
-
-def _stories(n: int = 300) -> list[int]:
-    rng = random.Random(0)
-    ids: list[int] = []
-    for _ in range(n):
-        name = rng.choice(["Tom", "Lily", "Sam", "Mia", "Ben", "Sue"])
-        pet = rng.choice(["cat", "dog", "bird", "fish", "frog"])
-        place = rng.choice(["park", "lake", "shop", "forest"])
-        text = f"{name} had a {pet}. {name} and the {pet} went to the {place}. The {pet} was happy."
-        ids += TOK.encode(text + " The end.") + [EOT]
-    return ids
-
-
-@pytest.fixture(scope="module")
-def story_model() -> GPT:
-    """A GPT that tells the template stories above and ends them with <|endoftext|> (trained
-    with a softmax over the ~36 ids they use: the full 50k-way one would take minutes)."""
-    data = torch.tensor(_stories())
-    used, targets = torch.unique(data, return_inverse=True)
-    torch.manual_seed(0)
-    model = GPT(STORY)
-    t = model.transformer
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(200):
-        ix = torch.randint(len(data) - BLOCK - 1, (16,)).tolist()
-        x = torch.stack([data[i : i + BLOCK] for i in ix])
-        y = torch.stack([targets[i + 1 : i + 1 + BLOCK] for i in ix])
-        h = t.wte(x) + t.wpe(torch.arange(BLOCK))
-        for block in t.h:
-            h = block(h)
-        logits = t.ln_f(h) @ model.lm_head.weight[used].T
-        loss = F.cross_entropy(logits.reshape(-1, len(used)), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1.0
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +47,6 @@ def rope_model() -> GPT:
     """Random weights: with 50k tokens it almost never draws <|endoftext|>, so it runs on."""
     torch.manual_seed(1)
     return GPT(ROPE).eval()
-
-
-@pytest.fixture(scope="module")
-def learned_model() -> GPT:
-    torch.manual_seed(2)
-    return GPT(STORY).eval()
 
 
 def _save(model: GPT, path: Path) -> Path:
@@ -204,27 +158,6 @@ def engine(request):
     engine.close()
 
 
-@pytest.mark.parametrize("engine", ["learned_model", "rope_model"], indirect=True)
-def test_engine_equals_generate_across_context_shifts(engine):
-    """Requests decoded together past block_size (learned positions refill their rows, RoPE
-    shifts them), each with its own settings and generator: each gets generate's tokens."""
-    cases = [
-        ("Tom had a", dict(temperature=0)),
-        ("Sue had a", dict(temperature=1.0, top_k=20, seed=3, n=2)),
-        ("", dict(temperature=0.8, top_p=0.9, seed=5)),
-        ("Ben and the dog went to the park", dict(temperature=0, n=3)),
-    ]
-    runs = [(Collect(kw.get("n", 1)), prompt, kw) for prompt, kw in cases]
-    # 50 tokens: the window passes block_size=32 at 33 tokens, and again 16 tokens later.
-    engine.submit([Request(TOK.encode(p) or [EOT], 50, emit=c, **kw) for c, p, kw in runs])
-    _wait(lambda: all(c.done for c, _, _ in runs), 60, "the requests")
-    assert engine.peak_rows == 7  # all in one batch
-    for c, prompt, kw in runs:
-        assert c.text == expected(engine.model, prompt, 50, **kw)
-        assert c.finish == ["length"] * len(c.text) and c.tokens == [50] * len(c.text)
-    assert engine.rows_in_use == 0
-
-
 def test_compiled_engine_is_compiled_before_it_serves(story_model):
     """compile=True: start() compiles the step (here for 1 row: the trained model's config
     and batch size are those test_generate compiles, so the suite compiles them once); the
@@ -290,16 +223,16 @@ def test_engine_cancel_frees_rows_before_the_next_step(engine):
 @pytest.mark.parametrize("engine", ["rope_model"], indirect=True)
 def test_engine_survives_a_failing_step(engine, monkeypatch):
     """A step that raises fails the requests in it (an error event), not the engine."""
-    decode = engine.decode
+    step = engine.decoder.step_fn
     calls = []
 
     def fail_once(*args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("boom")
-        return decode(*args)
+        return step(*args)
 
-    monkeypatch.setattr(engine, "decode", fail_once)
+    monkeypatch.setattr(engine.decoder, "step_fn", fail_once)
     errors = []
     r = Request(TOK.encode("Once"), 10, emit=lambda e: errors.append(e), temperature=0)
     engine.submit([r])
@@ -321,7 +254,7 @@ def test_engine_with_a_bf16_cache_under_cuda_like_autocast(positions, monkeypatc
     rms_norm = F.rms_norm
     monkeypatch.setattr(F, "rms_norm", lambda *a, **kw: rms_norm(*a, **kw).float())
     monkeypatch.setattr(
-        "slm.engine.inference_precision",
+        "slm.precision.inference_precision",
         lambda model, device: (torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16),
     )
     torch.manual_seed(3)
@@ -332,7 +265,9 @@ def test_engine_with_a_bf16_cache_under_cuda_like_autocast(positions, monkeypatc
     engine = Engine(GPT(config).eval(), TOK, max_batch=4)
     engine.start()
     try:
-        assert {t.dtype for t in engine.cache.k + engine.cache.v} == {torch.bfloat16}
+        assert {t.dtype for t in engine.decoder.cache.k + engine.decoder.cache.v} == {
+            torch.bfloat16
+        }
         short, long = Collect(), Collect(2)
         engine.submit(
             [
@@ -357,14 +292,14 @@ def test_engine_queue_is_bounded(rope_model):
 
 
 def test_stop_strings_are_held_back_until_known():
-    text = _Text(["went to", "!"])
+    text = SampleText(["went to", "!"])
     out = [text.add(piece.encode()) for piece in ["Tom", " went", " home", ".", " Tom", " went"]]
     # "went" could start "went to": held back until " home" shows it does not.
     assert out == ["Tom", " ", "went home", ".", " Tom", " "]
     assert text.add(b" to") == "" and text.finish_reason == "stop"
     assert text.text == "Tom went home. Tom "  # cut before the stop string, which never went out
-    assert _Text(["x"]).add("a😀".encode()[:3]) == "a"  # half a character waits for the rest
-    partial = _Text([])
+    assert SampleText(["x"]).add("a😀".encode()[:3]) == "a"  # half a character waits for the rest
+    partial = SampleText([])
     assert partial.add("😀".encode()[:2]) == ""
     assert partial.add(b"", final=True) == "\ufffd"  # a cut-off character at the very end
 
@@ -381,11 +316,8 @@ def test_completion_equals_generate(story, story_model):
     c = client(url)
     r = c.completions.create(model="slm", prompt="Tom had a", max_tokens=40, temperature=0)
     ids = _ids(story_model, "Tom had a", 40, temperature=0)
-    assert (
-        r.choices[0].text
-        == TOK.decode(ids)
-        == " fish. Tom and the fish went to the park. The fish was happy. The end."
-    )
+    assert r.choices[0].text == TOK.decode(ids)
+    assert r.choices[0].text.endswith(" was happy. The end.")  # a whole story
     assert r.choices[0].finish_reason == "stop"  # the story ended at <|endoftext|>
     assert r.object == "text_completion" and r.model == "slm" and r.id.startswith("cmpl-")
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, len(ids))
@@ -466,13 +398,13 @@ def test_stop_strings(story, story_model):
 
 def test_eight_concurrent_clients_each_get_their_own_text(story, story_model, monkeypatch):
     url, engine = story
-    decode = engine.decode
+    step = engine.decoder.step_fn
 
     def slowed(*args):  # 5 ms more a step: the 8 requests surely overlap
         time.sleep(0.005)
-        return decode(*args)
+        return step(*args)
 
-    monkeypatch.setattr(engine, "decode", slowed)
+    monkeypatch.setattr(engine.decoder, "step_fn", slowed)
     engine.peak_rows = 0
     names = ["Tom", "Lily", "Sam", "Mia", "Ben", "Sue", "Tom", "Lily"]
     cases = [
@@ -661,19 +593,19 @@ def test_a_client_leaving_a_non_streaming_request_frees_its_rows(guarded):
 
 def test_a_failing_step_is_a_500_and_the_server_goes_on(guarded, rope_model, monkeypatch):
     url, engine = guarded
-    decode = engine.decode
+    step = engine.decoder.step_fn
 
     def boom(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(engine, "decode", boom)
+    monkeypatch.setattr(engine.decoder, "step_fn", boom)
     c = client(url, KEY)
     with pytest.raises(openai.InternalServerError) as e:
         c.completions.create(model=M, prompt="Once", max_tokens=5)
     assert "decoding failed (RuntimeError: boom)" in e.value.message
     with pytest.raises(openai.APIError, match="boom"):
         list(c.completions.create(model=M, prompt="Once", max_tokens=5, stream=True))
-    monkeypatch.setattr(engine, "decode", decode)
+    monkeypatch.setattr(engine.decoder, "step_fn", step)
     r = c.completions.create(model=M, prompt="Once", max_tokens=5, temperature=0)
     assert r.choices[0].text == expected(rope_model, "Once", 5, temperature=0)[0]
 
@@ -701,13 +633,13 @@ def _chromium():
 def test_playground_streams_a_story(story, story_model, guarded, monkeypatch):
     url, engine = story
     browser = _chromium()
-    decode = engine.decode
+    step = engine.decoder.step_fn
 
     def slowed(*args):  # ~20 tokens in ~0.6 s: the page shows them coming
         time.sleep(0.03)
-        return decode(*args)
+        return step(*args)
 
-    monkeypatch.setattr(engine, "decode", slowed)
+    monkeypatch.setattr(engine.decoder, "step_fn", slowed)
     js = "return document.getElementById(arguments[0]).textContent"
     try:
         browser.get(f"{url}/")

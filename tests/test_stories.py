@@ -3,13 +3,12 @@ sampler, the ragged batch against generate(), the continuation loss and the suit
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import cfg_with
 
+from slm import precision
 from slm import stories as st
 from slm.errors import ConfigError
 from slm.model import GPT, GPTConfig
@@ -99,32 +98,6 @@ def test_eot_and_length_counting():
         assert summary[mode]["distinct_1"] == pytest.approx(1 / words)  # all "the"
 
 
-@pytest.mark.parametrize("positions", ["learned", "rope"])
-def test_ragged_batch_writes_what_generate_writes_for_each_opening(positions):
-    """All the openings in one batch, each at its own position (prefilled into its own cache
-    row, then GPT.decode per row), give the tokens of generate() on each opening alone."""
-    from slm.sample import generate
-
-    tok = gpt2()
-    torch.manual_seed(0)
-    # Untied: a random GPT with a tied lm_head repeats its last token.
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=20, tie_embeddings=False)
-    model = GPT(dataclasses.replace(config, positions=positions))
-    texts = ["Tom ran.", "Once upon a time, there was a cat named Sam.", "Lily had a big red ball."]
-    prompts = [[tok.eot_id, *tok.encode(t)] for t in texts]
-    free = st.complete_batch(model, prompts, 10, 0.0, None, None, None, stop_token=-1)
-    assert [len(ids) for ids, _ in free] == [10, 20 - len(prompts[1]), 10]  # the window ends
-    stop = free[1][0][2]  # the third token of row 1 as the stop: row 1 ends, leaving the batch
-    batch = st.complete_batch(model, prompts, 10, 0.0, None, None, None, stop_token=stop)
-    assert batch[1] == (free[1][0][: free[1][0].index(stop)], True)
-    for p, (ids, ended) in zip(prompts, batch):
-        room = min(10, 20 - len(p))  # no context shift: the window's end is a limit too
-        [alone] = generate(model, p, room, temperature=0, stop_token=stop)
-        assert ids == alone
-        assert ended == (len(ids) < room)
-    assert not all(ended for _, ended in batch)  # the others went on without row 1
-
-
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 def test_ragged_batch_under_cuda_like_autocast(monkeypatch):
     """The GPU path on the CPU: bf16 autocast and a bf16 cache, with rms_norm returning
@@ -133,7 +106,7 @@ def test_ragged_batch_under_cuda_like_autocast(monkeypatch):
     rms_norm = F.rms_norm
     monkeypatch.setattr(F, "rms_norm", lambda *a, **k: rms_norm(*a, **k).float())
     bf16 = (torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16)
-    monkeypatch.setattr(st, "inference_autocast", lambda device: bf16)
+    monkeypatch.setattr(precision, "inference_precision", lambda model, device: bf16)
     torch.manual_seed(0)
     config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, norm="rmsnorm",
                        qk_norm=True, positions="rope")  # fmt: skip
