@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from slm.data import FixedWindows
 from slm.prepare import prepare
-from slm.sample import load_model
+from slm.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
