@@ -2,8 +2,8 @@
 ended rows and the context shift. Every way slm produces tokens is a policy over it:
 ``slm.sample.generate`` (and ``GPT.generate``), the story suite's completions
 (``slm.stories``) and the server's continuous batch (``slm.engine``). A policy draws the
-tokens (which generator, greedy or sampled), says which rows end and when; the decoder turns
-tokens into the logits of the next ones.
+tokens (which generator, greedy or sampled) and says which rows end; the decoder turns tokens
+into the logits of the next ones.
 
     decoder = Decoder(model, rows=4)
     with decoder.running():
@@ -11,25 +11,13 @@ tokens into the logits of the next ones.
         tok = seq.logits.argmax(-1)
         decoder.advance([(seq, tok)])          # seq.logits: the next position's
 
-A ``Seq`` is a group of rows that move together (one prompt's samples): its ``window`` holds
-the tokens in context, and its length is where the rows stand in the cache, the one record of
-a row's position. When a window outgrows ``block_size``, the newest ``block_size // 2``
-tokens are kept (``slide``, like llama.cpp's context shift): with learned positions the rows
-are refilled from them in one forward; with RoPE the cache is kept and shifted
-(``GPT.shift_cache``). Then one forward of one token per row decodes every group that did not
-refill, each row at its own position (``GPT.forward`` with a position tensor). A group that
-ends is ``remove``d: the rows after it move down, so a step runs on the rows in use only.
-
-The step's shapes, by where it runs:
-
-- eager on a CPU: attention over the filled slots only (the most any row has filled), and
-  when every row stands at the same position, the plain slice of the cache (no mask);
-- on CUDA (eager or compiled): every step reads all ``block_size`` slots, masked per row, so
-  the kernels and shapes never change: cuDNN attention would plan anew for every key length,
-  and a compiled step is one CUDA graph (``torch.compile(mode="reduce-overhead")``, as in
-  gpt-fast) replayed per token at fixed cache addresses, per batch size (``sizes``);
-- compiled on a CPU: the default inductor mode, the length of the filled slots a dynamic
-  size (one graph for every position).
+A ``Seq`` is a group of rows that move together (one prompt's samples); the length of its
+``window`` (the tokens in context) is where its rows stand in the cache. When a window
+outgrows ``block_size`` the newest ``block_size // 2`` tokens are kept (``slide``): the rows
+are refilled from them (learned positions) or the cache is shifted (RoPE,
+``GPT.shift_cache``). A step reads the filled slots on a CPU and all ``block_size`` slots on
+CUDA (``static_shapes``), where a compiled step is one CUDA graph per batch size
+(docs/design.md says why).
 """
 
 from __future__ import annotations

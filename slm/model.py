@@ -1,8 +1,8 @@
 """A GPT in plain PyTorch, after nanoGPT: token + learned position embeddings, pre-LN blocks of
 causal self-attention and a GELU MLP, a final LayerNorm and an ``lm_head`` tied to the token
-embedding. Generation can use a key/value cache (``KVCache``): one new position per step,
-either through ``forward`` (the cache grows: attention over the filled part) or through
-``decode`` (shapes that never change, for ``torch.compile`` and CUDA graphs).
+embedding. Attention runs in two modes: training (causal, no cache) and cached (``KVCache``:
+the new keys and values written at each row's slots, ``Slots``), which generation uses for its
+prefill and its one-token steps (``slm.decode``).
 
 The changes that won since GPT-2 are config choices (the defaults are GPT-2, so old
 checkpoints load unchanged): rotary positions (``positions="rope"``, RoFormer / Llama),

@@ -7,14 +7,11 @@ Routes: ``POST /v1/completions`` (OpenAI's request and response, streamed as ser
 events with ``stream: true``), ``GET /v1/models``, ``GET /health``, ``GET /`` (the playground);
 ``/v1/chat/completions`` answers that this is a completion model. See ``conf/serve.yaml``.
 
-The stack is FastAPI on uvicorn, the one most OpenAI-compatible servers use (vLLM's among
-them). LitServe (Lightning's) was the other candidate: its OpenAI spec serves chat completions
-only, and its workers run in other processes behind a queue, where the batch here has to see
-each request as it arrives, stream its tokens and drop it the moment its client disconnects.
-So the model runs in this process, in ``slm.engine.Engine``'s decode thread, and FastAPI
-handles HTTP: each request is validated (``slm.openai_api``: one OpenAI-style error object
-naming the field), its prompts are queued on the engine (429 when the queue is full) and its
-events come back through an asyncio queue, folded into the answer by ``openai_api.Completion``.
+FastAPI handles HTTP (docs/design.md says why not LitServe); the model runs in this process,
+in ``slm.engine.Engine``'s decode thread. Each request is validated (``slm.openai_api``: one
+OpenAI-style error object naming the field), its prompts are queued on the engine (429 when
+the queue is full) and its events come back through an asyncio queue, folded into the answer
+by ``openai_api.Completion``.
 """
 
 from __future__ import annotations

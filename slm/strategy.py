@@ -5,21 +5,10 @@ process-group timeout, and the checks every rank agrees on before training start
 state, and gradients are averaged across devices (Lightning's ``DDPStrategy``).
 
 ``strategy=fsdp``: each ``Block``'s weights, gradients and optimizer state are sharded over the
-devices (FSDP2, ``torch.distributed.fsdp.fully_shard``), and a Block's full weights are
-gathered just for its forward and backward. Per-rank memory for the weights, gradients and
-AdamW state falls as ``1 / devices``: the way to a model that does not fit one GPU with DDP.
-
-Why FSDP2 through Lightning's ``ModelParallelStrategy`` and not its ``FSDPStrategy`` (FSDP1):
-FSDP2 shards each parameter on its own (a ``DTensor`` with the parameter's name and full
-shape), where FSDP1 flattens a module's parameters into one 1-D ``FlatParameter``. So the
-optimizer groups (weight decay on >= 2-D weights, Muon for the blocks' matrices) see the
-model's own names and shapes, ``torch.nn.utils.clip_grad_norm_`` computes the global norm
-over the shards (Lightning's ``FSDPPrecision`` refuses norm clipping), mixed precision is
-FSDP2's own policy (bf16 gathered weights and compute, fp32 master weights and gradient
-reduction), checkpoints are ``torch.distributed.checkpoint`` folders that each rank writes
-its shards into (nothing gathered on one rank), and FSDP1 is deprecated in PyTorch.
-``ModelParallelStrategy`` leaves the sharding to the model (``GPTModule.configure_model``
-calls ``FSDP.shard``), as Lightning documents.
+devices (FSDP2, ``torch.distributed.fsdp.fully_shard``, through Lightning's
+``ModelParallelStrategy``: docs/design.md says why), and a Block's full weights are gathered
+just for its forward and backward. Per-rank memory for the weights, gradients and AdamW state
+falls as ``1 / devices``: the way to a model that does not fit one GPU with DDP.
 """
 
 from __future__ import annotations

@@ -90,6 +90,17 @@ def test_quick_start_trains_and_generates_as_written(quick_start_run, capsys):
     assert out.startswith("--- sample 1/3 ---\nOnce upon a time") and "tokens/s" in err
 
 
+@pytest.mark.slow
+def test_python_generate_snippet_as_written(quick_start_run, capsys):
+    """The Generate section's Python snippet, nanoGPT's ``model.generate`` on a (1, 1) tensor
+    of zeros and on a prompt, on the quick start's model."""
+    [snippet] = code_blocks(section("Generate"), "python")
+    torch.manual_seed(0)
+    exec(compile(snippet.replace("outputs/DATE/TIME", str(quick_start_run)), "README", "exec"), {})
+    out = capsys.readouterr().out
+    assert "Once upon a time" in out and len(out) > 200  # two stories of 100 new tokens
+
+
 @pytest.fixture
 def tiny_run(tmp_path) -> Path:
     """A run dir with the slm.pt of a model=tiny (GPT-2 family, 64 positions; untrained)."""
