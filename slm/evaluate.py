@@ -41,7 +41,7 @@ from slm.config import compose, resolve_inference
 from slm.data import FixedWindows, load_tokens
 from slm.errors import DataError, run_cli
 from slm.model import GPT
-from slm.precision import inference_autocast
+from slm.precision import eval_mode, inference_autocast
 from slm.prepare import prepare, read_meta, read_tokenizer, tokenize
 from slm.tokenizer import Tokenizer
 
@@ -67,12 +67,12 @@ def score(
     windows = FixedWindows(path, tokens, T, "all")
     autocast, _ = inference_autocast(device)
     total, n = 0.0, 0
-    model.eval()
-    for x, y in DataLoader(windows, batch_size=batch_size):
-        with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.item() * y.numel()
-        n += y.numel()
+    with eval_mode(model):
+        for x, y in DataLoader(windows, batch_size=batch_size):
+            with autocast:
+                _, loss = model(x.to(device), y.to(device))
+            total += loss.item() * y.numel()
+            n += y.numel()
     loss = total / n
     return {
         "val_loss": loss,

@@ -30,7 +30,6 @@ import json
 import os
 import sys
 import tempfile
-import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -96,13 +95,6 @@ def _encode_in_parallel(batches: Iterable[list[str]], tok: Tokenizer) -> Iterato
         wait([fut for _, fut in pending])
 
 
-def _temp_name(out: Path, name: str) -> Path:
-    """A name no other process writes (``train.bin.<random>.tmp``), so that a bin is renamed
-    into place only by the process that wrote all of it, even where two prepares run at once
-    without the lock (a filesystem without ``flock``)."""
-    return out / f"{name}.{uuid.uuid4().hex[:12]}.tmp"
-
-
 def held_out_mask(index: np.ndarray, fraction: float) -> np.ndarray:
     """Which stories (by index in the source) form the held-out val split: exactly
     floor(n * fraction) of the first n, spread evenly through the source (deterministic)."""
@@ -125,11 +117,13 @@ def _write_splits(
 ) -> dict:
     held_out = _check_val_fraction(splits, val_fraction)
     stats = {s: {"tokens": 0, "stories": 0, "bytes": 0} for s in SPLITS}
-    tmp = {s: _temp_name(out, f"{s}.bin") for s in SPLITS}
+    # Names no other process writes: a bin is renamed into place only by the process that
+    # wrote all of it, even where two prepares run at once without the lock (no ``flock``).
+    tmp = {s: files.temp_name(out / f"{s}.bin") for s in SPLITS}
     story_index = 0  # over the train stream, for the held-out split
     try:
         with contextlib.ExitStack() as stack:
-            files = {s: stack.enter_context(open(tmp[s], "xb")) for s in SPLITS}
+            bins = {s: stack.enter_context(open(tmp[s], "xb")) for s in SPLITS}
             for split in ("train", "val"):
                 bar = stack.enter_context(
                     tqdm(desc=f"tokenizing {split}", unit=" stories", disable=None, file=sys.stderr)
@@ -148,14 +142,14 @@ def _write_splits(
                                 ("val", to_val, token_to_val),
                                 ("train", ~to_val, ~token_to_val),
                             ):
-                                ids[token_mask].tofile(files[dest])
+                                ids[token_mask].tofile(bins[dest])
                                 st = stats[dest]
                                 st["tokens"] += int(lengths[mask].sum())
                                 st["stories"] += int(mask.sum())
                                 st["bytes"] += int(story_bytes[mask].sum())
                             story_index += len(stories)
                         else:
-                            ids.tofile(files[split])
+                            ids.tofile(bins[split])
                             st = stats[split]
                             st["tokens"] += len(ids)
                             st["stories"] += len(stories)

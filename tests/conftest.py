@@ -7,6 +7,7 @@ imports them, and the one hub code path that is tested gets a monkeypatched load
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import tiktoken
 import torch
 import yaml
 from omegaconf import OmegaConf
+from torch.utils.data import Dataset
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,6 +78,9 @@ def cuda_autocast():
             torch._dynamo.reset()
 
 
+# -- the real TinyStories pieces ---------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def tinystories_dir() -> Path:
     """``<repo>/../shared/data/tinystories``: real TinyStories text (see its SOURCES.md)."""
@@ -101,6 +106,9 @@ def v1_txt(tinystories_dir: Path) -> Path:
 def v2_txt(tinystories_dir: Path) -> Path:
     """The first 10,000 lines of TinyStoriesV2-GPT4-train.txt: 1,728 stories."""
     return _piece(tinystories_dir, V2_NAME)
+
+
+# -- small written sources --------------------------------------------------------------------
 
 
 def parse_stories(text: str) -> list[str]:
@@ -225,6 +233,99 @@ def cfg_with(*overrides: str):
     return cfg
 
 
+# model=tiny on CPU, small batches: a step takes ~0.1 s.
+TINY_ARGS = [
+    "model=tiny",
+    "hardware=cpu",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "data.val_windows=16",
+    "trainer.max_steps=40",
+    "val_every_n_steps=20",
+    "optim.warmup_steps=5",
+    "optim.lr=3e-3",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "stories=0",  # the story suite at the end: on in the tests that check it
+]
+
+
+def tiny_cfg(data_dir, run_dir, *overrides):
+    """The config of a ``TINY_ARGS`` run on ``data_dir`` into ``run_dir``, with ``overrides``."""
+    from slm.config import compose
+
+    return compose("train", [*TINY_ARGS, f"data.dir={data_dir}", f"run_dir={run_dir}", *overrides])
+
+
+# -- a shared tokenizer=bpe run -------------------------------------------------------------
+# model=tiny tokenizer=bpe on the real V2 piece (its BPE fitted there), at a constant lr
+# (min_lr = lr, no warmup): a run cut at any step and resumed with more steps is the run.
+BPE_ARGS = [
+    "tokenizer=bpe",
+    "data.val_fraction=0.05",
+    "val_every_n_steps=6",
+    "optim.warmup_steps=0",
+    "optim.min_lr=3e-3",
+]
+
+
+@pytest.fixture(scope="session")
+def bpe_run(tmp_path_factory, v2_txt) -> tuple[Path, Path]:
+    """(run dir, data dir) of a 12-step ``model=tiny tokenizer=bpe`` fit on the V2 piece,
+    shared by the train, generate, export and evaluate tests."""
+    from slm.train import train
+
+    d = tmp_path_factory.mktemp("bpe-run")
+    train(
+        tiny_cfg(d / "data", d / "run", f"data.source={v2_txt}", *BPE_ARGS, "trainer.max_steps=12")
+    )
+    return d / "run", d / "data"
+
+
+# -- GPUs, as torch.cuda describes them (the tests patch torch.cuda to be one) -------------
+
+# (name, compute capability, precision): bf16 only where the tensor cores compute it.
+GPUS = [
+    ("A100", (8, 0), "bf16-mixed"),
+    ("H100", (9, 0), "bf16-mixed"),
+    ("L4", (8, 9), "bf16-mixed"),
+    ("T4", (7, 5), "16-mixed"),
+    ("V100", (7, 0), "16-mixed"),
+]
+
+
+# -- a tiny GPTModule on random tokens: Lightning fits without data on disk -----------------
+
+TINY_GPT = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)  # GPTModule/GPTConfig kwargs
+
+
+class RandomWindows(Dataset):
+    """``n`` random (x, y) windows of ``block`` tokens below ``vocab``, the same for an index."""
+
+    def __init__(self, block: int = TINY_GPT["block_size"], vocab: int = 50257, n: int = 1000):
+        self.block, self.vocab, self.n = block, vocab, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        t = torch.randint(0, self.vocab, (self.block + 1,), generator=g)
+        return t[:-1], t[1:]
+
+
+# -- the root scripts -------------------------------------------------------------------------
+
+
+def generate_cli():
+    """The root ``generate.py``, loaded as a module (a script, not part of ``slm``): its
+    ``run(cfg)`` is the command without Hydra's entry point (it returns the exit code)."""
+    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # -- the story model: a tiny GPT that tells template stories --------------------------------
 # Shared by the decoding tests (generate, the decoder's policies, the server): it ends its
 # stories with <|endoftext|> and looks back at its context (the name and pet of a story
@@ -302,29 +403,3 @@ def reference(model, prompt: list[int], n: int) -> list[int]:
         if len(window) > block:
             window = window[-(block // 2) :]
     return out
-
-
-# model=tiny tokenizer=bpe on the real V2 piece (its BPE fitted there), at a constant lr
-# (min_lr = lr, no warmup): a run cut at any step and resumed with more steps is the run.
-BPE_ARGS = [
-    "tokenizer=bpe",
-    "data.val_fraction=0.05",
-    "val_every_n_steps=6",
-    "optim.warmup_steps=0",
-    "optim.min_lr=3e-3",
-]
-
-
-@pytest.fixture(scope="session")
-def bpe_run(tmp_path_factory, v2_txt) -> tuple[Path, Path]:
-    """(run dir, data dir) of a 12-step ``model=tiny tokenizer=bpe`` fit on the V2 piece,
-    shared by the train, generate, export and evaluate tests."""
-    from test_train import tiny_cfg
-
-    from slm.train import train
-
-    d = tmp_path_factory.mktemp("bpe-run")
-    train(
-        tiny_cfg(d / "data", d / "run", f"data.source={v2_txt}", *BPE_ARGS, "trainer.max_steps=12")
-    )
-    return d / "run", d / "data"

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_GPT, RandomWindows
 from lightning.fabric.utilities.throughput import Throughput, measure_flops
 from lightning.pytorch.loggers import Logger
-from test_precision import TINY, Tokens
 from torch.utils.data import DataLoader, Subset
 
 from slm import callbacks
@@ -31,13 +31,13 @@ def test_throughput_clock_and_loss_are_read_on_logging_steps_only(monkeypatch, a
     monkeypatch.setattr(Throughput, "update", update)
     monitor = SyncFreeThroughputMonitor(lambda b: b[0].size(0), lambda b: b[0].numel())
     history = RunHistory()
-    module = GPTModule(**TINY, warmup_steps=1, max_steps=12)
+    module = GPTModule(**TINY_GPT, warmup_steps=1, max_steps=12)
     trainer = L.Trainer(
         max_steps=12, accelerator="cpu", log_every_n_steps=4, accumulate_grad_batches=accumulate,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[monitor, history], limit_val_batches=0,
     )  # fmt: skip
-    trainer.fit(module, DataLoader(Tokens(), batch_size=4))
+    trainer.fit(module, DataLoader(RandomWindows(), batch_size=4))
     # Optimizer steps 3, 7 and 11 log; every micro-batch's samples and tokens are counted.
     assert [u["batches"] for u in updates] == [4 * accumulate, 8 * accumulate, 12 * accumulate]
     assert [u["samples"] for u in updates] == [16 * accumulate, 32 * accumulate, 48 * accumulate]
@@ -79,10 +79,10 @@ class Windows(L.LightningDataModule):
     batch_size = 4
 
     def train_dataloader(self):
-        return DataLoader(Tokens(), batch_size=self.batch_size)
+        return DataLoader(RandomWindows(), batch_size=self.batch_size)
 
     def val_dataloader(self):  # 10 windows: batches of 4, 4 and 2
-        return DataLoader(Subset(Tokens(), range(10)), batch_size=self.batch_size)
+        return DataLoader(Subset(RandomWindows(), range(10)), batch_size=self.batch_size)
 
 
 class Recorder(Logger):
@@ -132,11 +132,11 @@ def test_throughput_flops_mfu_and_time_to_max_steps_against_a_clock(monkeypatch,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[monitor, eta, fake],
     )  # fmt: skip
-    trainer.fit(GPTModule(**TINY, warmup_steps=1, max_steps=12), datamodule=Windows())
+    trainer.fit(GPTModule(**TINY_GPT, warmup_steps=1, max_steps=12), datamodule=Windows())
 
     # measure_flops by itself: a training batch forward and backward, a val window forward.
     with torch.device("meta"):
-        model = GPT(GPTConfig(**TINY))
+        model = GPT(GPTConfig(**TINY_GPT))
         x = torch.zeros(4, 16, dtype=torch.long)
         train_flops = measure_flops(model, lambda: model(x, x)[1], loss_fn=lambda loss: loss)
         val_flops = measure_flops(model, lambda: model(x[:1], x[:1])[1])
@@ -184,9 +184,14 @@ def test_stop_signal_is_announced_outside_the_handler(capsys):
     """A print from the SIGINT handler, landing while the progress bar writes to stderr, raises
     'RuntimeError: reentrant call': the handler only records the request; the next batch end
     says it, once."""
-    stop = StopOnSignal("unused.ckpt")
-    stop._handler(signal.SIGINT, None)
-    assert stop.requested == signal.SIGINT and capsys.readouterr().err == ""
+    stop, before = StopOnSignal("unused.ckpt"), signal.getsignal(signal.SIGINT)
+    stop.on_train_start(None, None)  # its handlers installed, as in a fit
+    try:
+        signal.raise_signal(signal.SIGINT)  # the handler runs before this returns
+        assert stop.requested == signal.SIGINT and capsys.readouterr().err == ""
+    finally:
+        stop.on_train_end(None, None)  # the previous handlers back
+    assert signal.getsignal(signal.SIGINT) is before
     accumulating = SimpleNamespace(fit_loop=SimpleNamespace(_should_accumulate=lambda: True))
     for _ in range(2):
         stop.on_train_batch_end(accumulating, None, None, None, 0)

@@ -3,6 +3,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import GPUS
 from omegaconf import OmegaConf
 
 from slm.config import CONF_DIR, ConfigError, compose, resolve_hardware, validate
@@ -65,16 +66,6 @@ def test_auto_on_cpu_resolves_to_fp32_without_compile(monkeypatch):
     assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.compile, cfg.optim.fused) == (
         "cpu", "32-true", False, False,
     )  # fmt: skip
-
-
-# (name, compute capability, precision): bf16 only where the tensor cores compute it.
-GPUS = [
-    ("A100", (8, 0), "bf16-mixed"),
-    ("H100", (9, 0), "bf16-mixed"),
-    ("L4", (8, 9), "bf16-mixed"),
-    ("T4", (7, 5), "16-mixed"),
-    ("V100", (7, 0), "16-mixed"),
-]
 
 
 @pytest.mark.parametrize("name, capability, expected", GPUS)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY_ARGS
+from conftest import TINY_ARGS
 from torch.utils.data import DataLoader
 
+from slm.checkpoint import load_model
 from slm.data import FixedWindows
 from slm.prepare import prepare
-from slm.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,6 +4,7 @@ behind; a failure is an OSError (each caller words its own one-line message)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -29,6 +30,13 @@ def test_writers_write_whole_files(tmp_path):
     assert names(tmp_path) == ["a.txt", "b.bin", "c.json", "e.pt", "sub"]
     assert files.read_json(tmp_path / "c.json") == {"x": [1, 2]}
     assert files.read_json(tmp_path / "a.txt") == files.read_json(tmp_path / "none") == {}
+
+
+def test_temporary_names_are_unique(tmp_path):
+    names = {files.temp_name(tmp_path / "train.bin") for _ in range(100)}
+    assert len(names) == 100
+    assert all(n.parent == tmp_path for n in names)
+    assert all(re.fullmatch(r"train\.bin\.[0-9a-f]+\.tmp", n.name) for n in names)
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

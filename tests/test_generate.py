@@ -3,7 +3,6 @@ decoder's own tests, cache against recomputation, are in test_decode.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 import torch
-from conftest import STORY_BLOCK, greedy, reference, template_stories
+from conftest import STORY_BLOCK, generate_cli, greedy, reference, template_stories
 
 from slm import tokenizer
 from slm.checkpoint import load_checkpoint, load_model
@@ -355,13 +354,6 @@ def test_devices():
         resolve_device("tpu")
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -385,7 +377,7 @@ def test_cli_errors(overrides, message, ckpts, tmp_path, capsys):
     bad = tmp_path / "bad.ckpt"
     bad.write_text("hello")
     cfg = compose("generate", [o.format(pt=ckpts["pt"], bad=bad) for o in overrides])
-    assert _cli().run(cfg) == 1
+    assert generate_cli().run(cfg) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
@@ -398,7 +390,7 @@ def test_cli_without_the_bpe_files_offline(ckpts, monkeypatch, capsys):
     monkeypatch.setattr(tiktoken, "get_encoding", no_network)
     tokenizer.get_encoding.cache_clear()
     try:
-        assert _cli().run(compose("generate", [f"ckpt={ckpts['pt']}"])) == 1
+        assert generate_cli().run(compose("generate", [f"ckpt={ckpts['pt']}"])) == 1
     finally:
         monkeypatch.undo()
         tokenizer.get_encoding.cache_clear()
@@ -413,7 +405,7 @@ def test_cli_generates(ckpts, story_model, capsys):
         "generate",
         [f"ckpt={ckpts['ckpt']}", "prompt=Tom had a", "temperature=0", "num_samples=2"],
     )
-    assert _cli().run(cfg) == 0
+    assert generate_cli().run(cfg) == 0
     out, err = capsys.readouterr()
     story = "Tom had a" + tokenizer.decode(greedy(story_model, tokenizer.encode("Tom had a"), 200))
     assert out == f"--- sample 1/2 ---\n{story}\n--- sample 2/2 ---\n{story}\n"
@@ -428,7 +420,7 @@ def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, story_model, c
     kept = tokenizer.decode(ids[-BLOCK:])
     cfg = compose("generate", [f"ckpt={ckpts['pt']}", f'prompt="{prompt}"', "temperature=0",
                                "num_samples=1", "max_new_tokens=8"])  # fmt: skip
-    assert _cli().run(cfg) == 0
+    assert generate_cli().run(cfg) == 0
     out, err = capsys.readouterr()
     assert err.splitlines()[0] == (
         f"warning: the prompt has {len(ids)} tokens, more than the model's context "
@@ -443,9 +435,9 @@ def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, story_model, c
 @pytest.mark.slow
 def test_cli_compiled(ckpts, story_model, capsys):
     overrides = [f"ckpt={ckpts['pt']}", "prompt=Tom had a", "temperature=0", "num_samples=3"]
-    assert _cli().run(compose("generate", overrides)) == 0
+    assert generate_cli().run(compose("generate", overrides)) == 0
     eager, _ = capsys.readouterr()
-    assert _cli().run(compose("generate", overrides + ["compile=true"])) == 0
+    assert generate_cli().run(compose("generate", overrides + ["compile=true"])) == 0
     out, err = capsys.readouterr()
     assert out == eager
     assert "tokens/s) on cpu, compiled (compile " in err and "s, once per process)" in err
@@ -476,7 +468,7 @@ def test_cli_streams_multibyte_characters(monkeypatch, capsys):
     """A character split over several tokens is printed whole, once its last byte arrives."""
     text = " a 🦜 and 漢字."
     ids = tokenizer.encode(text)
-    cli = _cli()
+    cli = generate_cli()
     written = []
     monkeypatch.setattr(cli, "load_model", lambda path, device: Scripted([ids]))
     monkeypatch.setattr(cli, "load_tokenizer", lambda path: tokenizer.gpt2())

@@ -6,9 +6,9 @@ from datetime import timedelta
 
 import lightning as L
 import pytest
+from conftest import TINY_GPT, RandomWindows
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision.amp import _optimizer_handles_unscaling
-from test_precision import TINY, Tokens
 from torch.utils.data import DataLoader
 
 from slm.model import GPT, GPTConfig
@@ -49,13 +49,13 @@ class Steps(Logger):
 def fit():
     """Four optimizer steps of two micro-batches each, logging every second step."""
     spy, logger = Spy(), Steps()
-    module = GPTModule(**TINY, warmup_steps=1, max_steps=4)
+    module = GPTModule(**TINY_GPT, warmup_steps=1, max_steps=4)
     trainer = L.Trainer(
         max_steps=4, accelerator="cpu", accumulate_grad_batches=2, log_every_n_steps=2,
         logger=logger, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[spy], limit_val_batches=0,
     )  # fmt: skip
-    trainer.fit(module, DataLoader(Tokens(), batch_size=2))
+    trainer.fit(module, DataLoader(RandomWindows(), batch_size=2))
     return spy, logger
 
 

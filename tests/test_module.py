@@ -3,9 +3,10 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import RandomWindows
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from slm.module import GPTModule, lr_at
 from slm.precision import ClippableMixedPrecision
@@ -39,16 +40,6 @@ def test_min_lr_above_lr_is_rejected():
         GPTModule(n_layer=1, n_head=1, n_embd=8, block_size=8, lr=1e-3, min_lr=1e-2)
 
 
-class RandomTokens(Dataset):
-    def __len__(self):
-        return 10_000
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        t = torch.randint(0, 50257, (9,), generator=g)
-        return t[:-1], t[1:]
-
-
 class RecordLR(Callback):
     def __init__(self):
         self.lrs, self.steps = [], []
@@ -73,7 +64,7 @@ def test_schedule_counts_optimizer_steps_in_trainer(accumulate, tmp_path):
         enable_model_summary=False, callbacks=[rec], limit_val_batches=0,
         default_root_dir=tmp_path,
     )  # fmt: skip
-    trainer.fit(module, DataLoader(RandomTokens(), batch_size=2))
+    trainer.fit(module, DataLoader(RandomWindows(block=8, n=10_000), batch_size=2))
     assert trainer.global_step == max_steps
     assert rec.steps == list(range(max_steps))
     expected = [lr_at(s, 1e-2, 1e-3, warmup, max_steps) for s in range(max_steps)]
@@ -99,7 +90,7 @@ def test_val_loss_is_token_weighted_mean_and_ppl(tmp_path):
         accelerator="cpu", logger=logger, enable_progress_bar=False, default_root_dir=tmp_path,
         enable_model_summary=False,
     )  # fmt: skip
-    data = RandomTokens()
+    data = RandomWindows(block=8, n=10_000)
     loader = DataLoader(torch.utils.data.Subset(data, range(5)), batch_size=2)  # 2, 2, 1
     trainer.validate(module, loader, verbose=False)
     with torch.no_grad():
@@ -160,7 +151,7 @@ def test_train_loss_is_the_mean_of_the_steps_micro_batches(tmp_path):
         enable_model_summary=False, callbacks=[micro], limit_val_batches=0,
         default_root_dir=tmp_path,
     )  # fmt: skip
-    trainer.fit(module, DataLoader(RandomTokens(), batch_size=2))
+    trainer.fit(module, DataLoader(RandomWindows(block=8, n=10_000), batch_size=2))
     logged = [m["train/loss"] for m, _ in logger.logged if "train/loss" in m]
     pairs = list(zip(micro.losses[::2], micro.losses[1::2]))
     assert logged == pytest.approx([(a + b) / 2 for a, b in pairs], rel=1e-6)
@@ -190,7 +181,7 @@ def test_resume_goes_on_with_this_runs_settings(tmp_path, optimizer):
                fused=False, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0)  # fmt: skip
     new = dict(lr=1e-2, min_lr=1e-3, max_steps=8, weight_decay=0.05, betas=(0.8, 0.99),
                fused=True, muon_lr=0.05, muon_momentum=0.9, muon_weight_decay=0.01)  # fmt: skip
-    loader = DataLoader(RandomTokens(), batch_size=2)
+    loader = DataLoader(RandomWindows(block=8, n=10_000), batch_size=2)
     common = dict(accelerator="cpu", logger=False, enable_progress_bar=False,
                   enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
                   gradient_clip_val=1.0)  # fmt: skip

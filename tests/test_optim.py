@@ -8,8 +8,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from test_generate import _cli
-from test_train import tiny_cfg
+from conftest import generate_cli, tiny_cfg
 
 from slm.config import compose
 from slm.model import GPT, GPTConfig
@@ -192,7 +191,7 @@ def test_tiny_modern_muon_fit_learns_resumes_exactly_and_generates(
 
     cfg = compose("generate", [f"ckpt={tmp_path / 'b/slm.pt'}", "max_new_tokens=20",
                                "num_samples=1", "device=cpu"])  # fmt: skip
-    assert _cli().run(cfg) == 0  # generate.py
+    assert generate_cli().run(cfg) == 0  # generate.py
     assert capsys.readouterr().out.startswith("Once upon a time")
     module = GPTModule.load_from_checkpoint(tmp_path / "b/checkpoints/last.ckpt")
     assert module.config.positions == "rope" and not module.config.tie_embeddings

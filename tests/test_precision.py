@@ -7,10 +7,9 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import GPUS, TINY_GPT, RandomWindows, tiny_cfg
 from lightning.pytorch.plugins.precision import MixedPrecision
-from test_config import GPUS
-from test_train import tiny_cfg
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from slm import decode, precision, sample
 from slm.evaluate import score
@@ -18,8 +17,6 @@ from slm.model import GPT, GPTConfig, KVCache
 from slm.module import GPTModule
 from slm.precision import ClippableMixedPrecision, trainer_precision
 from slm.train import train
-
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)
 
 
 @pytest.mark.parametrize("name, capability, expected", GPUS)
@@ -30,7 +27,7 @@ def test_one_helper_decides_for_train_generate_and_evaluate(
     monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda including_emulation=True: True)
     assert precision.default_precision("cuda") == expected
     dtype = torch.bfloat16 if expected == "bf16-mixed" else torch.float16
-    model = GPT(GPTConfig(**TINY))
+    model = GPT(GPTConfig(**TINY_GPT))
     with pytest.warns(UserWarning, match="CUDA is not available"):  # autocast("cuda") here
         assert precision.inference_autocast("cuda")[1] == dtype  # evaluate.py
         # generate: the KV cache
@@ -39,7 +36,7 @@ def test_one_helper_decides_for_train_generate_and_evaluate(
 
 def test_cpu_runs_in_fp32():
     assert precision.default_precision("cpu") == "32-true"
-    model = GPT(GPTConfig(**TINY))
+    model = GPT(GPTConfig(**TINY_GPT))
     assert precision.inference_precision(model, torch.device("cpu"))[1] == torch.float32
 
 
@@ -74,15 +71,6 @@ def test_fused_adamw_with_clipping_trains(prepared, tmp_path, prec):
     assert ckpt["optimizer_states"][0]["param_groups"][0]["fused"] is True
 
 
-class Tokens(Dataset):
-    def __len__(self):
-        return 1000
-
-    def __getitem__(self, i):
-        t = torch.randint(0, 50257, (17,), generator=torch.Generator().manual_seed(i))
-        return t[:-1], t[1:]
-
-
 class GradNormAtStep(L.Callback):
     """The gradients that the optimizer's own step sees (a step pre-hook)."""
 
@@ -100,14 +88,16 @@ class GradNormAtStep(L.Callback):
 
 def fit_fp16(plugin, steps=3):
     torch.manual_seed(0)
-    module = GPTModule(**TINY, lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=steps, fused=True)
+    module = GPTModule(
+        **TINY_GPT, lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=steps, fused=True
+    )
     spy = GradNormAtStep()
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", plugins=[plugin], gradient_clip_val=0.5,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[spy], limit_val_batches=0,
     )  # fmt: skip
-    trainer.fit(module, DataLoader(Tokens(), batch_size=4))
+    trainer.fit(module, DataLoader(RandomWindows(), batch_size=4))
     return spy, trainer
 
 
@@ -138,7 +128,7 @@ def test_trainer_precision_kwargs():
 
 @pytest.mark.slow
 def test_compiled_gpt_has_no_graph_break():
-    model = GPT(GPTConfig(**TINY))
+    model = GPT(GPTConfig(**TINY_GPT))
     x = torch.randint(0, 50257, (2, 16))
     explanation = torch._dynamo.explain(model.forward)(x, x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -146,7 +136,7 @@ def test_compiled_gpt_has_no_graph_break():
 
 def losses_of(compile_mode, steps=3):
     torch.manual_seed(0)
-    module = GPTModule(**TINY, lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=steps,
+    module = GPTModule(**TINY_GPT, lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=steps,
                        compile=compile_mode)  # fmt: skip
     losses = []
 
@@ -159,16 +149,24 @@ def losses_of(compile_mode, steps=3):
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[Record()], limit_val_batches=0,
     )  # fmt: skip
-    trainer.fit(module, DataLoader(Tokens(), batch_size=4))
+    trainer.fit(module, DataLoader(RandomWindows(), batch_size=4))
     return module, losses
 
 
 @pytest.mark.slow
-def test_compile_true_trains_like_eager():
+def test_compile_true_trains_like_eager(monkeypatch):
     """Inductor compiles the GPT (not the LightningModule) on the CPU too."""
-    eager_module, eager = losses_of(None)
+    compiled_fns, real_compile = [], torch.compile
+
+    def spy(fn, *args, **kwargs):
+        compiled_fns.append(fn)
+        return real_compile(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    _, eager = losses_of(None)
+    assert compiled_fns == []
     compiled_module, compiled = losses_of("default")
-    assert eager_module._compiled is None and compiled_module._compiled is not None
+    assert compiled_fns == [compiled_module.model.forward]  # the GPT's, once
     assert compiled == pytest.approx(eager, rel=1e-4)
     # The checkpoint keys are the GPT's own: no torch.compile wrapper prefix.
     assert all(k.startswith("model.") for k in compiled_module.state_dict())
@@ -261,21 +259,6 @@ def test_compiled_generate_under_cuda_autocast(cuda_autocast, like_a_gpu, family
     assert decode.shared(model, 1).cache.k[0].dtype == MIXED[prec]
 
 
-class Windows(Dataset):
-    """Random (x, y) windows of ``block`` tokens below ``vocab``, the same for an index."""
-
-    def __init__(self, block: int, vocab: int, n: int = 1000):
-        self.block, self.vocab, self.n = block, vocab, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        t = torch.randint(0, self.vocab, (self.block + 1,), generator=g)
-        return t[:-1], t[1:]
-
-
 @pytest.mark.parametrize("prec", MIXED)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_validation_and_evaluation_under_cuda_autocast(
@@ -293,7 +276,7 @@ def test_training_validation_and_evaluation_under_cuda_autocast(
         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, **trainer_precision(prec, "cpu"),
     )  # fmt: skip
-    loader = DataLoader(Windows(FAMILY_TINY["block_size"], 256), batch_size=2)
+    loader = DataLoader(RandomWindows(FAMILY_TINY["block_size"], 256), batch_size=2)
     trainer.fit(module, loader, loader)
     assert trainer.global_step == 2 and math.isfinite(module.last_val_loss)
     assert all(not torch.equal(p, b) for p, b in zip(module.parameters(), before))
@@ -352,7 +335,7 @@ def fit_fp16_steps(module, callbacks, steps=3, accumulate=1):
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
         limit_val_batches=0,
     )  # fmt: skip
-    trainer.fit(module, DataLoader(Tokens(), batch_size=2))
+    trainer.fit(module, DataLoader(RandomWindows(), batch_size=2))
     return trainer
 
 
@@ -363,7 +346,7 @@ def test_an_overflowed_fp16_step_is_skipped(optimizer, accumulate):
     micro-batch of step 1 skips that step (weights and optimizer state unchanged) and halves
     the loss scale; the steps before and after train, and nothing turns NaN."""
     torch.manual_seed(0)
-    module = GPTModule(**TINY, warmup_steps=1, max_steps=3, fused=True, optimizer=optimizer)
+    module = GPTModule(**TINY_GPT, warmup_steps=1, max_steps=3, fused=True, optimizer=optimizer)
     spy = Overflow(at=accumulate)
     fit_fp16_steps(module, [spy], accumulate=accumulate)
     assert spy.scales == [2.0**10, 2.0**10, 2.0**9, 2.0**9]
@@ -385,7 +368,7 @@ def test_a_skipped_backward_is_not_unscaled():
             return None if batch_idx == 1 else loss
 
     torch.manual_seed(0)
-    module = SkipSecond(**TINY, warmup_steps=1, max_steps=3, fused=True)
+    module = SkipSecond(**TINY_GPT, warmup_steps=1, max_steps=3, fused=True)
     spy = Overflow(at=-1)
     trainer = fit_fp16_steps(module, [spy])
     assert trainer.global_step == 3

@@ -31,8 +31,8 @@ from conftest import (
     write_txt,
 )
 
+from slm import files, tokenizer
 from slm import prepare as P
-from slm import tokenizer
 from slm.errors import ConfigError
 from slm.prepare import DataError, prepare
 
@@ -288,8 +288,8 @@ def test_data_dir_alone_is_its_recorded_source(small_txt, tmp_path, monkeypatch,
 def _prepare_when_released(source: str, out: str, barrier, results) -> None:
     """A second process's prepare: it starts when the other one does, and reports whether
     it wrote the bins."""
-    real, wrote = P._write_splits, []
-    P._write_splits = lambda *args: wrote.append(True) or real(*args)
+    real, wrote = files.write_json, []  # meta.json, written last (this process is its own)
+    files.write_json = lambda path, obj: wrote.append(True) or real(path, obj)
     barrier.wait()
     try:
         prepare(source, out)
@@ -316,12 +316,6 @@ def test_two_concurrent_prepares_into_one_dir(tmp_path):
     assert reports == [("ok", False), ("ok", True)]
     assert_bins(out, *expected_bins(stories, 0.01))
     assert leftovers(out) == ["meta.json", "train.bin", "val.bin"]  # no temporary files
-
-
-def test_temporary_names_are_unique(tmp_path):
-    names = {P._temp_name(tmp_path, "train.bin") for _ in range(100)}
-    assert len(names) == 100
-    assert all(re.fullmatch(r"train\.bin\.[0-9a-f]+\.tmp", n.name) for n in names)
 
 
 def test_stale_temporary_files_are_removed(small_txt, tmp_path):

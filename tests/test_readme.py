@@ -4,7 +4,6 @@ Python snippet)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import generate_cli
 
 from slm.config import compose
 
@@ -82,10 +82,7 @@ def test_quick_start_trains_and_generates_as_written(quick_start_run, capsys):
     [block] = code_blocks(section("Quick start"), "bash")[:1]
     [generate] = commands(block, "generate.py")
     args = [a.replace("outputs/DATE/TIME", str(run)) for a in generate[2:]]
-    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert cli.run(compose("generate", args)) == 0
+    assert generate_cli().run(compose("generate", args)) == 0
     out, err = capsys.readouterr()
     assert out.startswith("--- sample 1/3 ---\nOnce upon a time") and "tokens/s" in err
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY_ARGS, tiny_cfg
+from conftest import TINY_ARGS, tiny_cfg
 
 from slm.errors import CheckpointError, ConfigError
 from slm.prepare import prepare

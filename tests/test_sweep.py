@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_ARGS
 from omegaconf import OmegaConf
-from test_train import TINY_ARGS
 
 from slm.config import compose
 from slm.prepare import prepare

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_ARGS, generate_cli, tiny_cfg
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from slm.config import ConfigError, compose
@@ -22,26 +23,6 @@ from slm.prepare import DataError, prepare
 from slm.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-# model=tiny on CPU, small batches: a step takes ~0.1 s.
-TINY_ARGS = [
-    "model=tiny",
-    "hardware=cpu",
-    "data.num_workers=0",
-    "data.batch_size=8",
-    "data.val_windows=16",
-    "trainer.max_steps=40",
-    "val_every_n_steps=20",
-    "optim.warmup_steps=5",
-    "optim.lr=3e-3",
-    "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
-    "stories=0",  # the story suite at the end: on in the tests that check it
-]
-
-
-def tiny_cfg(data_dir, run_dir, *overrides):
-    return compose("train", [*TINY_ARGS, f"data.dir={data_dir}", f"run_dir={run_dir}", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -299,13 +280,15 @@ def test_invalid_config_fails_before_training(override, message, tmp_path):
 def test_last_ckpt_follows_training_when_val_gets_worse(small_dir, tmp_path, monkeypatch):
     """last.ckpt is refreshed at every validation, not only when val/loss improves."""
     data, src = small_dir
-    real = GPTModule.validation_step
+    real = GPTModule.forward
 
-    def worse_each_time(self, batch, batch_idx):
-        real(self, batch, batch_idx)
-        self._val_sum[-1][0] += self.global_step * 1e3  # val/loss grows with the step
+    def worse_each_time(self, idx, targets=None):
+        logits, loss = real(self, idx, targets)
+        if not self.training:  # a validation: val/loss grows with the step
+            loss = loss + self.global_step * 10.0
+        return logits, loss
 
-    monkeypatch.setattr(GPTModule, "validation_step", worse_each_time)
+    monkeypatch.setattr(GPTModule, "forward", worse_each_time)
     run = tmp_path / "run"
     train(tiny_cfg(data, run, f"data.source={src}", "data.val_fraction=0.1", "trainer.max_steps=6",
                    "val_every_n_steps=2", "optim.warmup_steps=1"))  # fmt: skip
@@ -354,7 +337,6 @@ def test_bpe_fit_loss_falls_resumes_exactly_and_generates(bpe_run, v2_txt, tmp_p
     """model=tiny tokenizer=bpe on real text: the model's vocab is the data's BPE (not the
     preset's), the loss falls, every checkpoint carries the tokenizer, a run stopped at step 6
     and resumed ends as the 12-step run, and slm.pt alone generates (no data dir)."""
-    import importlib.util
     import shutil
 
     from conftest import BPE_ARGS
@@ -395,9 +377,7 @@ def test_bpe_fit_loss_falls_resumes_exactly_and_generates(bpe_run, v2_txt, tmp_p
     # slm.pt alone: the data dir is gone, generate.py tokenizes with the checkpoint's BPE.
     pt = shutil.copy(run / "slm.pt", tmp_path / "slm.pt")
     shutil.rmtree(b)
-    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = generate_cli()
     moved = tmp_path / "data-moved"
     shutil.move(data, moved)
     try:
