@@ -69,12 +69,16 @@ def compiled_step(device: torch.device) -> Callable:
     shapes), the default inductor mode elsewhere (the filled length a dynamic size)."""
     if device.type not in _COMPILED:
         cuda = device.type == "cuda"
-        _COMPILED[device.type] = torch.compile(
-            _step,
-            mode="reduce-overhead" if cuda else "default",
-            fullgraph=True,
-            dynamic=False if cuda else None,
-        )
+        if cuda:
+            _COMPILED["cuda"] = torch.compile(
+                _step, mode="reduce-overhead", fullgraph=True, dynamic=False
+            )
+        else:  # inductor's default mode, where each op's result is a buffer, not recomputed
+            # inside its consumers' loops: it would fold the final norm into the lm_head's
+            # GEMV and redo it for each of the 50k rows; at decode's sizes buffers cost nothing
+            _COMPILED[device.type] = torch.compile(
+                _step, fullgraph=True, options={"realize_cpu_opcount_threshold": 0}
+            )
     return _COMPILED[device.type]
 
 

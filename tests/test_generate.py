@@ -440,7 +440,8 @@ def test_cli_compiled(ckpts, story_model, capsys):
     assert generate_cli().run(compose("generate", overrides + ["compile=true"])) == 0
     out, err = capsys.readouterr()
     assert out == eager
-    assert "tokens/s) on cpu, compiled (compile " in err and "s, once per process)" in err
+    assert "tokens/s) on cpu, fp32 weights, compiled (compile " in err
+    assert "s, once per process)" in err
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
