@@ -74,6 +74,20 @@ def _unparsable(overrides: Sequence[str]) -> str:
     return f"Hydra cannot parse the overrides {' '.join(overrides)}; check their syntax"
 
 
+def typed_text(cfg: DictConfig, overrides: Sequence[str], keys: Sequence[str]) -> DictConfig:
+    """``cfg`` with each of ``keys`` that an override set to a number or a boolean back as the
+    text typed: Hydra reads ``api_key=12345`` as an int and ``api_key=1.50`` as the float 1.5,
+    but a key or a name is text (``str(1.5)`` would not be the key the user gave)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if o.key_or_group in keys and not o.is_delete():
+            value = o.value()
+            if isinstance(value, (bool, int, float)):  # a string, null or a list stays as it is
+                OmegaConf.update(cfg, o.key_or_group, o.input_line.partition("=")[2].strip())
+    return cfg
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

@@ -10,6 +10,7 @@ server-sent events, ending in ``data: [DONE]``) or the whole completion at the e
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from slm.engine import Event
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
+DEFAULT_MAX_TOKENS = 16  # OpenAI's, where the request leaves max_tokens out
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes [0, 2**64)
 DONE = "data: [DONE]\n\n"  # the last server-sent event of a stream
 
@@ -137,8 +139,31 @@ def expected(field: str, limits: Limits) -> str:
     }.get(field, "valid")
 
 
+class LongInt:
+    """An integer in the request longer than Python converts (``sys.get_int_max_str_digits()``,
+    4300 digits by default: ``json.loads`` raises a bare ValueError on it). Kept as its length,
+    no field's type takes it: the field's check names it, a 400."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __str__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _parse_int(text: str) -> int | LongInt:
+    limit = sys.get_int_max_str_digits()  # 0: no limit
+    digits = len(text.lstrip("-"))
+    return LongInt(digits) if limit and digits > limit else int(text)
+
+
 def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    if isinstance(value, LongInt):
+        text = str(value)
+    elif isinstance(value, str):
+        text = repr(value)
+    else:
+        text = json.dumps(value, default=str)  # a LongInt in a list: its description
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -153,7 +178,8 @@ def invalid(field: str, value: Any, limits: Limits, why: str = "") -> ApiError:
 def parse_request(body: Any, limits: Limits) -> CompletionRequest:
     """The request in the JSON ``body``; an ``ApiError`` naming the first bad field."""
     if not isinstance(body, dict):
-        raise ApiError(400, f"The request body must be a JSON object, got {type(body).__name__}")
+        got = body if isinstance(body, LongInt) else type(body).__name__
+        raise ApiError(400, f"The request body must be a JSON object, got {got}")
     try:
         req = CompletionRequest.model_validate(body)
     except ValidationError as e:
@@ -194,17 +220,29 @@ def check_request(req: CompletionRequest, body: dict, limits: Limits) -> None:
             raise bad(field)
     if isinstance(req.prompt, list) and not req.prompt:
         raise bad("prompt", "an empty list")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(  # OpenAI's words (vLLM's check too), and the fix
+            400,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled: add "
+            '"stream": true, or leave stream_options out',
+            "stream_options",
+        )
+
+
+def model_not_found(name: str, served: str) -> ApiError:
+    """OpenAI's 404 for a model ``name`` other than the one ``served``."""
+    return ApiError(
+        404,
+        f"The model '{name}' does not exist; this server serves '{served}'",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def check_model(req: CompletionRequest, served: str) -> None:
     """A 404 where the request names another model than the one ``served``."""
     if req.model != served:
-        raise ApiError(
-            404,
-            f"The model '{req.model}' does not exist; this server serves '{served}'",
-            param="model",
-            code="model_not_found",
-        )
+        raise model_not_found(req.model, served)
 
 
 def busy(reason: str) -> ApiError:
@@ -261,11 +299,12 @@ def tokenize_prompts(prompt, tokenizer, vocab_size: int, limits: Limits) -> list
     return out
 
 
-def sampling(req: CompletionRequest) -> dict[str, Any]:
+def sampling(req: CompletionRequest, limits: Limits) -> dict[str, Any]:
     """The settings each of the request's prompts asks of the engine (``slm.engine.Request``'s
-    keywords), with OpenAI's defaults for those it leaves out."""
+    keywords), with OpenAI's defaults for those it leaves out (the default length within the
+    server's ``limits``: a request that names none must not get more than one may ask for)."""
     return {
-        "max_tokens": req.max_tokens or 16,  # OpenAI's default
+        "max_tokens": req.max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_tokens),
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_k": None if req.top_k in (None, -1) else req.top_k,
         "top_p": req.top_p,
@@ -277,7 +316,17 @@ def sampling(req: CompletionRequest) -> dict[str, Any]:
 
 async def read_json(request, limit: int) -> Any:
     """The JSON body of ``request`` (a Starlette request: its ``headers`` and ``stream()``), at
-    most ``limit`` bytes (413 beyond, without reading it all)."""
+    most ``limit`` bytes (413 beyond, without reading it all), sent as ``application/json``
+    (415 otherwise: a web page can make a browser send text/plain, a form or an untyped body
+    to another origin without asking it first, a CORS "simple" request; JSON needs a preflight
+    that this server, with no CORS headers, never allows)."""
+    kind = request.headers.get("content-type")
+    if kind is None or kind.partition(";")[0].strip().lower() != "application/json":
+        got = repr(kind) if kind else "no Content-Type"
+        raise ApiError(
+            415,
+            f"The request body must be JSON sent as 'Content-Type: application/json', got {got}",
+        )
     too_large = ApiError(
         413, f"The request body is larger than max_body_bytes={limit}; send a smaller one"
     )
@@ -290,7 +339,7 @@ async def read_json(request, limit: int) -> Any:
         if len(data) > limit:
             raise too_large
     try:
-        return json.loads(data)
+        return json.loads(data, parse_int=_parse_int)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         where = f" at line {e.lineno} column {e.colno}" if hasattr(e, "lineno") else ""
         reason = getattr(e, "msg", "not UTF-8" if isinstance(e, UnicodeDecodeError) else "too deep")
@@ -350,11 +399,15 @@ class Completion:
             "total_tokens": self.prompt_tokens + done,
         }
 
-    def chunk(self, choice: dict, usage: bool = False) -> dict:
-        """A streamed chunk of one ``choice`` (with the usage so far where ``usage``)."""
+    def chunk(self, choice: dict, options: StreamOptions) -> dict:
+        """A streamed chunk of one ``choice``: with the usage so far where ``options`` ask for
+        it in every chunk, with ``"usage": null`` where they ask for a last usage chunk (as
+        OpenAI sends every chunk before it)."""
         chunk = {**self.head, "choices": [choice]}
-        if usage:
+        if options.continuous_usage_stats:
             chunk["usage"] = self.usage()
+        elif options.include_usage:
+            chunk["usage"] = None
         return chunk
 
     def whole(self) -> dict:
@@ -386,7 +439,7 @@ async def stream(
         except ApiError as e:
             yield sse(e.body())
             return
-        yield sse(completion.chunk(choice, bool(options.continuous_usage_stats)))
+        yield sse(completion.chunk(choice, options))
     if options.include_usage:
         yield sse({**completion.head, "choices": [], "usage": completion.usage()})
     yield DONE

@@ -4,8 +4,11 @@
     python -m slm.serve ckpt=PATH port=8080 max_batch=16 api_key=SECRET
 
 Routes: ``POST /v1/completions`` (OpenAI's request and response, streamed as server-sent
-events with ``stream: true``), ``GET /v1/models``, ``GET /health``, ``GET /`` (the playground);
-``/v1/chat/completions`` answers that this is a completion model. See ``conf/serve.yaml``.
+events with ``stream: true``), ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``,
+``GET /`` (the playground); ``/v1/chat/completions`` answers that this is a completion model.
+No CORS headers: a browser lets only the playground's own origin read the answers (and the
+completions route takes JSON only, so no other page can make a browser run it). See
+``conf/serve.yaml``.
 
 FastAPI handles HTTP (docs/design.md says why not LitServe); the model runs in this process,
 in ``slm.engine.Engine``'s decode thread. Each request is validated (``slm.openai_api``: one
@@ -41,6 +44,7 @@ try:
         StreamOptions,
         busy,
         check_model,
+        model_not_found,
         not_a_chat_model,
         parse_request,
         read_json,
@@ -62,7 +66,7 @@ import anyio
 from omegaconf import DictConfig, OmegaConf
 
 from slm.checkpoint import load_model, load_tokenizer
-from slm.config import compose, resolve_inference
+from slm.config import compose, resolve_inference, typed_text
 from slm.engine import Engine, Event, QueueFull
 from slm.engine import Request as Job
 from slm.weights import pack
@@ -161,7 +165,10 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        routes = "POST /v1/completions, GET /v1/models, GET /health, GET / (the playground)"
+        routes = (
+            "POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health, "
+            "GET / (the playground)"
+        )
         message = {
             404: f"Unknown route {request.method} {request.url.path}; this server has {routes}",
             405: f"Method {request.method} not allowed on {request.url.path}; it has {routes}",
@@ -188,20 +195,23 @@ def create_app(
     async def playground() -> HTMLResponse:
         return HTMLResponse(page)
 
+    model = {
+        "id": model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "slm",
+        "max_model_len": config.block_size,
+    }
+
     @api.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "slm",
-                    "max_model_len": config.block_size,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model]}
+
+    @api.get("/v1/models/{name:path}")  # an id may hold a '/' (org/name), as the client sends it
+    async def retrieve(name: str) -> dict:
+        if name != model_name:
+            raise model_not_found(name, model_name)
+        return model
 
     @api.post("/v1/chat/completions")
     async def chat() -> None:
@@ -215,7 +225,7 @@ def create_app(
         prompts = await anyio.to_thread.run_sync(
             tokenize_prompts, req.prompt, tokenizer, vocab, limits
         )
-        settings = sampling(req)
+        settings = sampling(req, limits)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -287,6 +297,8 @@ def build(cfg: DictConfig) -> tuple[FastAPI, Engine]:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"model_name={name} must be a non-empty string: the id clients pass")
     api_key = cfg.api_key
+    if isinstance(api_key, (int, float)):  # a bool too: a config composed without ``config``
+        api_key = str(api_key)
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ConfigError(
             "api_key is set but empty (SLM_API_KEY=''?): set a key, or unset it to serve "
@@ -323,8 +335,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+TEXT_KEYS = ("api_key", "model_name")  # strings whatever they look like: api_key=12345
+
+
+def config(overrides: list[str]) -> DictConfig:
+    """``conf/serve.yaml`` with the command line's ``overrides`` (an unknown key: one line), the
+    ``TEXT_KEYS`` as typed (Hydra reads ``api_key=1.50`` as the float 1.5)."""
+    return typed_text(compose("serve", overrides), overrides, TEXT_KEYS)
+
+
 def main(argv: list[str] | None = None) -> None:
-    cfg = compose("serve", sys.argv[1:] if argv is None else argv)  # an unknown key: one line
+    cfg = config(sys.argv[1:] if argv is None else argv)
     host = cfg.host
     if not isinstance(host, str) or not host:
         raise ConfigError(f"host={host} must be an address, e.g. 127.0.0.1 or 0.0.0.0")
@@ -345,8 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)  # Ctrl-C: streams still running get 5 s, then are cut
+    options = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(options)  # Ctrl-C: streams still running get 5 s, then are cut
     try:
         server.run(sockets=[sock])
     finally:

@@ -76,6 +76,19 @@ def test_neutral_values_of_unsupported_options_are_accepted():
     assert req.model == "m" and req.prompt == ""
 
 
+@pytest.mark.parametrize("stream", [None, False])
+def test_stream_options_need_stream(stream):
+    """OpenAI's spec (and vLLM) answer 400 to stream_options without stream: true."""
+    body = {"model": "m", "stream_options": {"include_usage": True}}
+    if stream is not None:
+        body["stream"] = stream
+    e = _error(parse_request, body, LIMITS)
+    assert (e.status, e.param) == (400, "stream_options")
+    assert "The 'stream_options' parameter is only allowed when 'stream' is enabled" in e.message
+    assert parse_request({**body, "stream": True}, LIMITS).stream_options.include_usage
+    assert parse_request({"model": "m", "stream_options": None}, LIMITS).stream_options is None
+
+
 def test_check_model():
     check_model(parse_request({"model": "slm"}, LIMITS), "slm")
     e = _error(check_model, parse_request({"model": "gpt-4"}, LIMITS), "slm")
@@ -84,7 +97,7 @@ def test_check_model():
 
 
 def test_sampling_settings_with_openais_defaults():
-    assert sampling(parse_request({"model": "m"}, LIMITS)) == {
+    assert sampling(parse_request({"model": "m"}, LIMITS), LIMITS) == {
         "max_tokens": 16, "temperature": 1.0, "top_k": None, "top_p": None, "n": 1,
         "seed": None, "stop": [],
     }  # fmt: skip
@@ -93,11 +106,19 @@ def test_sampling_settings_with_openais_defaults():
          "seed": 3, "stop": "x"},
         LIMITS,
     )  # fmt: skip
-    assert sampling(req) == {
+    assert sampling(req, LIMITS) == {
         "max_tokens": 5, "temperature": 0, "top_k": None, "top_p": 0.5, "n": 2, "seed": 3,
         "stop": ["x"],
     }  # fmt: skip
-    assert sampling(parse_request({"model": "m", "top_k": 4}, LIMITS))["top_k"] == 4
+    assert sampling(parse_request({"model": "m", "top_k": 4}, LIMITS), LIMITS)["top_k"] == 4
+
+
+def test_the_default_max_tokens_obeys_the_limit():
+    """OpenAI's default of 16 tokens, or the server's limits.max_tokens where that is less."""
+    small = Limits(max_tokens=4, max_prompt_tokens=20, max_body_bytes=2000, max_n=2, max_prompts=1)
+    assert sampling(parse_request({"model": "m"}, small), small)["max_tokens"] == 4
+    assert sampling(parse_request({"model": "m", "max_tokens": 3}, small), small)["max_tokens"] == 3
+    assert sampling(parse_request({"model": "m"}, LIMITS), LIMITS)["max_tokens"] == 16
 
 
 def test_tokenize_prompts():
@@ -115,9 +136,13 @@ def test_tokenize_prompts():
 class _Body:
     """What read_json reads of a Starlette request: its headers and its body in chunks."""
 
-    def __init__(self, chunks: list[bytes], length: int | None = None) -> None:
+    def __init__(
+        self, chunks: list[bytes], length: int | None = None, type: str | None = "application/json"
+    ) -> None:
         self.chunks = chunks
         self.headers = {} if length is None else {"content-length": str(length)}
+        if type is not None:
+            self.headers["content-type"] = type
 
     async def stream(self):
         for chunk in self.chunks:
@@ -133,6 +158,40 @@ def test_read_json():
                          (b'"\xff"', "not UTF-8"), (b"[" * 5000, "too deep")]:  # fmt: skip
         e = _error(asyncio.run, read_json(_Body([data]), 10_000))
         assert e.status == 400 and f"not valid JSON ({reason}" in e.message, e.message
+
+
+@pytest.mark.parametrize("type", ["application/json", "Application/JSON; charset=utf-8"])
+def test_read_json_takes_json_with_or_without_a_charset(type):
+    assert asyncio.run(read_json(_Body([b'{"model": "m"}'], type=type), 100)) == {"model": "m"}
+
+
+@pytest.mark.parametrize(
+    "type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+             "application/jsonx", "text/plain; charset=application/json"]
+)  # fmt: skip
+def test_read_json_refuses_other_content_types(type):
+    """A web page can send a cross-site POST without a preflight (a "simple" request) only as
+    text/plain, a form or with no type at all: a 415 before the body is read or decoded."""
+    e = _error(asyncio.run, read_json(_Body([b'{"model": "m"}'], type=type), 100))
+    assert e.status == 415 and e.type == "invalid_request_error" and e.param is None
+    assert "Content-Type: application/json" in e.message, e.message
+    assert (type or "no Content-Type") in e.message
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "n", "seed", "top_k", "logprobs"])
+def test_an_integer_too_long_for_python_is_a_400_naming_its_field(field):
+    """json.loads raises a plain ValueError on an integer over Python's int_max_str_digits
+    (4300): the field's check names it instead."""
+    data = b'{"model": "m", "%s": %s}' % (field.encode(), b"9" * 5000)
+    e = _error(parse_request, asyncio.run(read_json(_Body([data]), 10_000)), LIMITS)
+    assert e.status == 400 and e.param == field, e.message
+    assert e.message.startswith(f"Invalid value for '{field}': expected ")
+    assert e.message.endswith("got an integer of 5000 digits"), e.message
+    nested = b'{"model": "m", "prompt": [1, %s]}' % (b"9" * 5000)
+    e = _error(parse_request, asyncio.run(read_json(_Body([nested]), 10_000)), LIMITS)
+    assert e.status == 400 and e.param == "prompt", e.message
+    e = _error(parse_request, asyncio.run(read_json(_Body([b"9" * 5000]), 10_000)), LIMITS)
+    assert e.message == "The request body must be a JSON object, got an integer of 5000 digits"
 
 
 # -- the answer: one fold for the streamed chunks and the whole completion ---------------------
@@ -202,6 +261,7 @@ def test_the_streamed_completion_is_the_same_fold():
                     "finish_reason": event.finish_reason if event.kind == "finish" else None,
                 }
             ],
+            "usage": None,  # include_usage: OpenAI's "usage": null before the usage chunk
         }
     assert chunks[-1] == {**head, "choices": [], "usage": completion.usage()}
     assert len(chunks) == len(EVENTS) + 1
@@ -219,6 +279,20 @@ def test_streamed_usage_options():
     usage = [json.loads(s.removeprefix("data: "))["usage"] for s in continuous[:-1]]
     assert [u["completion_tokens"] for u in usage] == [1, 2, 3, 3, 4, 4, 5, 6]
     assert all(u["prompt_tokens"] == 4 for u in usage)
+
+
+def test_include_usage_sends_a_null_usage_before_the_usage_chunk():
+    """OpenAI: with include_usage, every chunk before the last one carries "usage": null (a
+    client reads chunk["usage"] without a KeyError); the last has the whole usage."""
+    completion = Completion("slm", PROMPTS, 2)
+    sent = _stream(completion, EVENTS, include_usage=True)
+    chunks = [json.loads(s.removeprefix("data: ")) for s in sent[:-1]]
+    assert [ch["usage"] for ch in chunks[:-1]] == [None] * len(EVENTS)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == completion.usage()
+    both = _stream(Completion("slm", PROMPTS, 2), EVENTS, include_usage=True,
+                   continuous_usage_stats=True)  # fmt: skip
+    usage = [json.loads(s.removeprefix("data: "))["usage"] for s in both[:-1]]
+    assert [u["completion_tokens"] for u in usage] == [1, 2, 3, 3, 4, 4, 5, 6, 6]
 
 
 def test_an_engine_error_ends_either_answer():

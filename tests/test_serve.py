@@ -28,11 +28,14 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 import httpx2 as httpx  # noqa: E402  (openai's HTTP client)
 import uvicorn  # noqa: E402
 
+from slm import serve  # noqa: E402
 from slm.config import compose  # noqa: E402
 from slm.engine import Engine, Request, SampleText  # noqa: E402
+from slm.errors import ConfigError  # noqa: E402
 from slm.model import GPT, GPTConfig  # noqa: E402
+from slm.openai_api import Limits  # noqa: E402
 from slm.sample import generate  # noqa: E402
-from slm.serve import build  # noqa: E402
+from slm.serve import build, create_app  # noqa: E402
 from slm.tokenizer import gpt2  # noqa: E402
 
 TOK = gpt2()
@@ -448,7 +451,8 @@ def test_long_completion_past_block_size(guarded, rope_model):
 # -- limits, bad input, disconnects, the key ----------------------------------------------------
 
 M = "tiny-rope"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON = {"Content-Type": "application/json"}
+AUTH = {"Authorization": f"Bearer {KEY}", **JSON}
 BAD = [
     (b'{"model": "tiny-rope", "prompt": ', 400, None, "not valid JSON"),
     (b'{"model": "\xff"}', 400, None, "not valid JSON (not UTF-8"),
@@ -482,6 +486,12 @@ BAD = [
     ({"model": M, "seed": "x"}, 400, "seed", "got 'x'"),
     ({"model": M, "stream": "yes"}, 400, "stream", "true or false"),
     ({"model": M, "stream_options": {"include_usage": 1}}, 400, "stream_options", "an object"),
+    (
+        {"model": M, "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+        "only allowed when 'stream' is enabled",
+    ),
     ({"model": M, "logprobs": 2}, 400, "logprobs", "logprobs are not supported"),
     ({"model": M, "echo": True}, 400, "echo", "echo is not supported"),
     ({"model": M, "max_new_tokens": 5}, 400, "max_new_tokens", "Unrecognized request argument"),
@@ -490,11 +500,12 @@ BAD = [
 
 
 @pytest.mark.parametrize("body, status, param, message", BAD, ids=[str(c[3]) for c in BAD])
-def test_bad_requests(guarded, body, status, param, message):
+def test_bad_requests(guarded, body, status, param, message, caplog):
     url, engine = guarded
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(f"{url}/v1/completions", content=content, headers=AUTH)
     assert r.status_code == status, r.text
+    assert not [rec for rec in caplog.records if rec.levelno >= 40]  # no traceback logged
     error = r.json()["error"]
     assert error["param"] == param and message in error["message"], error
     assert error["type"] == "invalid_request_error" and set(error) == {
@@ -521,13 +532,114 @@ def test_other_bad_requests(guarded):
     assert _health(url)["status"] == "ok"  # and the server goes on
 
 
+def test_only_json_is_taken(story):
+    """A web page can make a browser POST text/plain, a form or an untyped body to another
+    origin without asking first (a CORS "simple" request), and the server has no CORS headers
+    only to stop the page reading the answer: anything but JSON is a 415, never decoded."""
+    url, engine = story
+    body = json.dumps({"model": "slm", "prompt": "Tom had a", "max_tokens": 2}).encode()
+    for headers in [{"Content-Type": "text/plain"}, {}, {"Content-Type": "multipart/form-data"},
+                    {"Content-Type": "application/x-www-form-urlencoded"}]:  # fmt: skip
+        r = httpx.post(f"{url}/v1/completions", content=body, headers=headers)
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert "Content-Type: application/json" in error["message"], error
+        assert error["type"] == "invalid_request_error" and error["param"] is None
+    assert engine.waiting == type(engine.waiting)() and engine.rows_in_use == 0  # never queued
+    origin = {"Origin": "http://elsewhere.example"}
+    for kind in ["application/json", "application/json; charset=utf-8"]:
+        r = httpx.post(
+            f"{url}/v1/completions", content=body, headers={"Content-Type": kind, **origin}
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+        assert not any(h.startswith("access-control-") for h in r.headers)  # no CORS
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "n", "seed"])
+def test_an_integer_too_long_for_python_is_a_400(story, field, caplog):
+    """Python reads at most 4300 digits of an integer (json.loads: a plain ValueError): a 400
+    naming the field, not a 500 with a traceback logged."""
+    url, _ = story
+    body = b'{"model": "slm", "%s": %s}' % (field.encode(), b"7" * 5000)
+    r = httpx.post(f"{url}/v1/completions", content=body, headers=JSON)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and "got an integer of 5000 digits" in error["message"]
+    assert not [rec for rec in caplog.records if rec.levelno >= 40]  # no traceback logged
+
+
+def test_the_default_max_tokens_obeys_the_limit(guarded):
+    """A request without max_tokens gets OpenAI's 16 tokens, or limits.max_tokens if less."""
+    _, engine = guarded
+    limits = Limits(max_tokens=4, max_prompt_tokens=20, max_body_bytes=2000, max_n=2,
+                    max_prompts=1)  # fmt: skip
+    with _serving(create_app(engine, M, limits)) as url:
+        r = client(url).completions.create(model=M, prompt="Once", temperature=0)
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+
+
+def test_include_usage_chunks_carry_a_null_usage(story):
+    """OpenAI: with include_usage, every chunk before the usage chunk has "usage": null."""
+    url, _ = story
+    body = {"model": "slm", "prompt": "Tom had a", "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) > 3 and [ch["usage"] for ch in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_retrieve_the_model(guarded):
+    """GET /v1/models/{model}, the openai client's models.retrieve: the served model, or
+    OpenAI's 404 for another; behind the key as the other routes."""
+    url, _ = guarded
+    c = client(url, KEY)
+    model = c.models.retrieve(M)
+    assert model == c.models.list().data[0] and model.id == M and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-4")
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    assert "The model 'gpt-4' does not exist; this server serves 'tiny-rope'" in e.value.message
+    with pytest.raises(openai.AuthenticationError):
+        client(url, "wrong").models.retrieve(M)
+
+
+@pytest.mark.parametrize(
+    "key, command", [("12345", True), ("1.50", True), ("true", True), ("1_000", True),
+                     ("12345", False)]
+)  # fmt: skip
+def test_an_api_key_that_looks_like_a_number_is_the_text_typed(key, command, rope_model, tmp_path):
+    """Hydra reads api_key=12345 as an int (1.50 as the float 1.5): the key is what was typed
+    (serve.config, the command's config), or an int's digits in a config composed otherwise."""
+    ckpt = _save(rope_model, tmp_path / "slm.pt")
+    overrides = [f"ckpt={ckpt}", "device=cpu", f"api_key={key}"]
+    app, engine = build(serve.config(overrides) if command else compose("serve", overrides))
+    try:
+        with _serving(app) as url:
+            assert client(url, key).models.list().data[0].id == "slm"
+            with pytest.raises(openai.AuthenticationError):
+                client(url, "wrong").models.list()
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("key", ["''", "' '"])
+def test_an_empty_api_key_is_refused(key, rope_model, tmp_path):
+    ckpt = _save(rope_model, tmp_path / "slm.pt")
+    with pytest.raises(ConfigError, match="api_key is set but empty"):
+        build(serve.config([f"ckpt={ckpt}", "device=cpu", f"api_key={key}"]))
+
+
 def test_api_key(guarded):
     url, _ = guarded
     assert client(url, KEY).models.list().data[0].id == "tiny-rope"
     with pytest.raises(openai.AuthenticationError) as e:
         client(url, "wrong").models.list()
     assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
-    for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("GET", "/")]:
+    routes = [("GET", "/v1/models"), ("GET", f"/v1/models/{M}"), ("POST", "/v1/completions")]
+    for method, path in routes + [("GET", "/")]:
         r = httpx.request(method, f"{url}{path}", json={"model": M})
         assert r.status_code == 401 and "didn't provide an API key" in r.json()["error"]["message"]
     assert httpx.get(f"{url}/health").status_code == 200  # open: for load balancers
