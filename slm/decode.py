@@ -74,11 +74,11 @@ def compiled_step(device: torch.device) -> Callable:
                 _step, mode="reduce-overhead", fullgraph=True, dynamic=False
             )
         else:  # inductor's default mode, where each op's result is a buffer, not recomputed
-            # inside its consumers' loops: it would fold the final norm into the lm_head's
-            # GEMV and redo it for each of the 50k rows; at decode's sizes buffers cost nothing
-            _COMPILED[device.type] = torch.compile(
-                _step, fullgraph=True, options={"realize_cpu_opcount_threshold": 0}
-            )
+            # inside its consumers' loops (it would fold the final norm into the lm_head's
+            # GEMV and redo it for each of the 50k rows; at decode's sizes buffers cost
+            # nothing), and a cast to bf16/fp16 and back rounds as it does eagerly
+            options = {"realize_cpu_opcount_threshold": 0, "emulate_precision_casts": True}
+            _COMPILED[device.type] = torch.compile(_step, fullgraph=True, options=options)
     return _COMPILED[device.type]
 
 

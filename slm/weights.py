@@ -64,8 +64,11 @@ class PackedLinear(nn.Module):
         w, scale = self.weight, self.scale
         streamed = x.device.type == "cpu" or scale is not None  # (cuBLAS has good GEMVs)
         if torch.compiler.is_compiling() and streamed and x.numel() == x.size(-1):
-            y = (w.to(torch.float32) * x.reshape(1, -1).float()).sum(-1)
-            y = y.reshape(*x.shape[:-1], -1)
+            # the input rounded as the eager matmul rounds it (to bf16/fp16 weights' dtype)
+            # and its output rounded alike, so that compiled and eager steps agree
+            half = w.dtype if scale is None else x.dtype
+            row = x.reshape(1, -1).to(half).float()
+            y = (w.to(torch.float32) * row).sum(-1).to(half).reshape(*x.shape[:-1], -1)
         elif scale is None and w.dtype != x.dtype:
             y = F.linear(x.to(w.dtype), w)  # bf16 / fp16 weights: their own matmul
         else:

@@ -403,7 +403,13 @@ def test_cli_without_the_bpe_files_offline(ckpts, monkeypatch, capsys):
 def test_cli_generates(ckpts, story_model, capsys):
     cfg = compose(
         "generate",
-        [f"ckpt={ckpts['ckpt']}", "prompt=Tom had a", "temperature=0", "num_samples=2"],
+        [
+            f"ckpt={ckpts['ckpt']}",
+            "prompt=Tom had a",
+            "temperature=0",
+            "num_samples=2",
+            "weights=fp32",
+        ],  # the fp32 model's stories
     )
     assert generate_cli().run(cfg) == 0
     out, err = capsys.readouterr()
@@ -419,7 +425,7 @@ def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, story_model, c
     ids = tokenizer.encode(prompt)
     kept = tokenizer.decode(ids[-BLOCK:])
     cfg = compose("generate", [f"ckpt={ckpts['pt']}", f'prompt="{prompt}"', "temperature=0",
-                               "num_samples=1", "max_new_tokens=8"])  # fmt: skip
+                               "num_samples=1", "max_new_tokens=8", "weights=fp32"])  # fmt: skip
     assert generate_cli().run(cfg) == 0
     out, err = capsys.readouterr()
     assert err.splitlines()[0] == (
@@ -434,7 +440,8 @@ def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, story_model, c
 
 @pytest.mark.slow
 def test_cli_compiled(ckpts, story_model, capsys):
-    overrides = [f"ckpt={ckpts['pt']}", "prompt=Tom had a", "temperature=0", "num_samples=3"]
+    overrides = [f"ckpt={ckpts['pt']}", "prompt=Tom had a", "temperature=0", "num_samples=3",
+                 "weights=fp32"]  # fmt: skip
     assert generate_cli().run(compose("generate", overrides)) == 0
     eager, _ = capsys.readouterr()
     assert generate_cli().run(compose("generate", overrides + ["compile=true"])) == 0
@@ -472,6 +479,7 @@ def test_cli_streams_multibyte_characters(monkeypatch, capsys):
     cli = generate_cli()
     written = []
     monkeypatch.setattr(cli, "load_model", lambda path, device: Scripted([ids]))
+    monkeypatch.setattr(cli, "pack", lambda model, weights: model)  # a stand-in, not a GPT
     monkeypatch.setattr(cli, "load_tokenizer", lambda path: tokenizer.gpt2())
     monkeypatch.setattr(sys.stdout, "write", lambda s: written.append(s) or len(s))
     cfg = compose("generate", ["ckpt=any.pt", "prompt=Look:", "num_samples=1", "temperature=0"])
