@@ -13,7 +13,7 @@ import tiktoken
 import torch
 from conftest import STORY_BLOCK, generate_cli, greedy, reference, template_stories
 
-from slm import tokenizer
+from slm import sample, tokenizer
 from slm.checkpoint import load_checkpoint, load_model
 from slm.config import compose
 from slm.errors import CheckpointError
@@ -230,6 +230,27 @@ def test_a_model_of_another_tokenizer_starts_and_stops_at_its_own_eot():
     assert generate(toy, [5], 3, temperature=0) == [[1, 0, 0]]  # "eot": never met
     with pytest.raises(ValueError, match=r"eot_id=50256 is not in its vocab of 256 .* a prompt"):
         generate(toy, [], 3)
+
+
+@pytest.mark.parametrize("every", [3, 16])
+def test_tokens_read_every_few_steps_give_the_same_stories(story_model, monkeypatch, every):
+    """As on an accelerator (``sync_every``): the tokens read on the host every few steps, not
+    every step. The same stories, ended at the same tokens (EOT and max_new_tokens), the
+    greedy ones and the seeded samples."""
+    prompt = tokenizer.encode("Tom had a")
+    cases = [dict(temperature=0, num_samples=2), dict(temperature=1.0, top_k=20, num_samples=3)]
+
+    def stories() -> list:
+        return [
+            generate(story_model, prompt, n, generator=torch.Generator().manual_seed(7), **kw)
+            for kw in cases
+            for n in (5, 100)
+        ]
+
+    expected = stories()
+    assert any(len(s) < 100 for batch in expected for s in batch)  # some end at EOT
+    monkeypatch.setattr(sample, "sync_every", lambda device: every)
+    assert stories() == expected
 
 
 def test_empty_prompt_starts_from_eot(story_model):
