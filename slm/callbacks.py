@@ -1,7 +1,7 @@
 """Callbacks that Lightning does not ship: the run's loss history (kept in the checkpoint, so a
 resumed run's ``loss.png`` and ``metrics.json`` count the whole run), a throughput monitor
 without a sync per batch, a progress bar that shows the optimizer step, a clean stop with
-``last.ckpt`` on Ctrl-C, and sample stories in TensorBoard.
+``last.ckpt`` on Ctrl-C, and sample stories for the trackers.
 
 Nothing here reads a GPU value (``.item()``, ``float(tensor)``) on every batch: that waits for
 the GPU and stalls the CPU that should be queueing the next kernels. Values are read on logging
@@ -21,9 +21,10 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
+
+from slm import trackers
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +326,9 @@ class StopOnSignal(L.Callback):
 
 
 class SampleStories(L.Callback):
-    """At each validation, a greedy story from a fixed prompt with the current weights,
-    logged as TensorBoard text, so the stories can be watched improving beside the loss."""
+    """At each validation, a greedy story from a fixed prompt with the current weights, logged
+    to every tracker that takes text (``slm.trackers.log_text``: TensorBoard's Text tab, a W&B
+    table, MLflow artifacts), so the stories can be watched improving beside the loss."""
 
     def __init__(self, prompt: str = "Once upon a time", max_new_tokens: int = 64) -> None:
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
@@ -350,11 +352,7 @@ class SampleStories(L.Callback):
         if not trainer.is_global_zero:
             return
         story = self.prompt + tok.decode(ids)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                # Markdown: two trailing spaces keep the story's line breaks.
-                text = story.replace("\n", "  \n")
-                logger.experiment.add_text("samples", text, trainer.global_step)
+        trackers.log_text(trainer.loggers, "samples", story, trainer.global_step)
 
 
 class TimeToMaxSteps(L.Callback):

@@ -4,7 +4,7 @@
 weights, ``slm.checkpoint.save_slm_pt``) and ``loss.png`` (``plot_losses``), written with
 SIGINT and SIGTERM held (``deferred_signals``) so a Ctrl-C does not leave one without the
 other. ``story_suite``: after a completed run, the story suite's completions of ``slm.pt``
-(``slm.stories.jsonl``), its numbers in ``metrics.json`` and TensorBoard.
+(``slm.stories.jsonl``), its numbers in ``metrics.json`` and the trackers.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def story_suite(
 ) -> None:
     """The story suite (``slm.stories``) on ``slm.pt`` (the best weights, trained with the
     data's tokenizer ``tok``), with ``stories`` openings of the held-out split: its numbers go
-    into ``metrics.json`` (``"stories"``) and TensorBoard (``stories/*``), the completions
+    into ``metrics.json`` (``"stories"``) and every tracker (``stories/*``), the completions
     into ``slm.stories.jsonl``. A judge that fails is recorded there
     (``stories.judge.error``); the run stays completed."""
     ckpt = run_dir / "slm.pt"

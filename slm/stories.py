@@ -64,7 +64,7 @@ MODE_KEYS = (
     "distinct_1", "distinct_2", "distinct_3", "repeat_4gram", "eot_rate", "words", "carryover",
     *(f"judge_{g}" for g in (*GRADES, "mean")),
 )  # fmt: skip
-# The flat names of every number (``flat``): TensorBoard tags stories/NAME, sweep.csv columns.
+# The flat names of every number (``flat``): the trackers' stories/NAME, sweep.csv columns.
 COLUMNS = (
     "continuation_loss",
     *(f"{mode}_{key}" for mode in MODES for key in MODE_KEYS),

@@ -2,9 +2,10 @@
 
 Kept apart from the ``@hydra.main`` entry (``train.py``) so tests and sweepers call it with a
 composed config. The checks before a run are here (``check_start``; whether a checkpoint fits
-it: ``slm.resume``); what it leaves in its run dir (TensorBoard logs in ``tb/``,
-``checkpoints/``, ``slm.pt``, ``loss.png``, ``metrics.json``, the story suite's
-``slm.stories.jsonl``) is written by ``slm.outputs``.
+it: ``slm.resume``); what it leaves in its run dir (``checkpoints/``, ``slm.pt``,
+``loss.png``, ``metrics.json``, the story suite's ``slm.stories.jsonl``) is written by
+``slm.outputs``; what it logs to the trackers (TensorBoard's ``tb/``, W&B, MLflow, CSV) goes
+through ``slm.trackers``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
-from slm import stories
+from slm import stories, trackers
 from slm.callbacks import (
     RunHistory,
     SampleStories,
@@ -40,7 +41,7 @@ from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.model import GPT
 from slm.module import GPTModule
-from slm.outputs import deferred_signals, story_suite, write_outputs
+from slm.outputs import deferred_signals, run_status, story_suite, write_outputs
 from slm.precision import trainer_precision
 from slm.prepare import prepare, read_tokenizer
 from slm.resume import apply_init_from, check_resume, resolve_ckpt_path
@@ -181,6 +182,7 @@ def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | Non
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
     stories.check(cfg)  # the suite runs at the end: its settings are checked at the start
+    trackers.check(cfg)  # and the trackers' settings, and their packages
     check_trainer_args(dict(cfg.trainer))
     if in_multirun() and launched_outside(cfg) is None and (world_size(cfg) or 1) > 1:
         # Lightning's launcher starts the other ranks by running this command again: the
@@ -206,19 +208,23 @@ def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | Non
 def train(cfg: DictConfig) -> float:
     """Train as ``cfg`` says; return the best ``val/loss`` (what a sweeper minimizes)."""
     with contextlib.ExitStack() as stack:
-        start, error = None, None
+        start, error, loggers = None, None, []
         try:
             start = check_start(cfg)
             # the run dir is this run's from here on (held by rank 0): a start check too
             stack.enter_context(run_dir_lock(start[2]))
+            loggers = trackers.start(cfg, start[2])  # their runs open: a start check too
+            # the trackers' runs end with this run's status, however it ends
+            stack.push(lambda kind, e, tb: trackers.finish(loggers, run_status(e)[0]))
         except SlmError as e:
             error = e
         agree_on_start(cfg, error)  # under torchrun or srun: every rank stops if one failed
-        return _fit(cfg, *start)
+        return _fit(cfg, loggers, *start)
 
 
 def _fit(
     cfg: DictConfig,
+    loggers: list[Logger],
     init: torch.nn.Module | None,
     tok: Tokenizer,
     run_dir: Path,
@@ -267,7 +273,8 @@ def _fit(
         best,
         last,
         ValidateAtEnd(),  # first: the hooks after it see the last step as a logging step
-        LearningRateMonitor(logging_interval="step"),
+        # Lightning's monitor refuses a run without a logger (logger=[]).
+        *([LearningRateMonitor(logging_interval="step")] if loggers else []),
         # tokens/s, FLOPs/s and, on GPUs it knows (A100, H100, T4, L4, ...), MFU at the
         # bf16/fp16 peak. The clock is read on logging steps: rates over the last 2 intervals.
         SyncFreeThroughputMonitor(
@@ -289,7 +296,7 @@ def _fit(
     trainer_args["strategy"] = trainer_strategy(cfg)
     trainer = L.Trainer(
         **trainer_args,
-        logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
+        logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=str(run_dir),
         num_sanity_val_steps=-1,  # a full validation before step 0: the curve's start
@@ -329,6 +336,11 @@ def check_trainer_args(args: dict) -> None:
             raise ConfigError(
                 "trainer.val_check_interval is set from val_every_n_steps (in optimizer steps); "
                 "use val_every_n_steps"
+            )
+        if key == "logger":
+            raise ConfigError(
+                "trainer.logger is set by slm's train() from the logger group: choose the "
+                "trackers with logger=wandb, 'logger=[tensorboard,wandb]', ..."
             )
         if key in OWN_TRAINER_ARGS:
             raise ConfigError(f"trainer.{key} is set by slm's train() and cannot be overridden")

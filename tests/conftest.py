@@ -1,7 +1,8 @@
 """Shared fixtures: the real TinyStories pieces (skipped when absent) and small written sources.
 
-No test reaches the network: the Hugging Face libraries are put offline before anything
-imports them, and the one hub code path that is tested gets a monkeypatched loader.
+No test reaches the network: the Hugging Face libraries and W&B are put offline before
+anything imports them (MLflow's telemetry off), and the one hub code path that is tested gets
+a monkeypatched loader.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from torch.utils.data import Dataset
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The trackers' tests (and the commands they start) run W&B offline and MLflow on a local
+# store, with MLflow's usage telemetry (on by default) off: nothing is sent anywhere.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n N: each of the N workers gets one thread (and so do the commands it starts).
     # The tests' tensors are small: threads contending for a shared core only slow them.

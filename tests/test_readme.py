@@ -142,3 +142,13 @@ def test_hugging_face_snippets_as_written(which, request, tmp_path, monkeypatch,
         # few steps may end its story at once)
         ended = story.rstrip().endswith("<|endoftext|>")
         assert story.startswith("Once upon a time") and (len(story) > 100 or ended), where
+
+
+def test_the_tracker_commands_compose_as_written():
+    """Research comforts' tracker commands (logger=wandb, several, none) pick the trackers
+    they say."""
+    from slm.trackers import chosen
+
+    [block] = [b for b in code_blocks(section("Research comforts"), "bash") if "logger=" in b]
+    picked = [list(chosen(compose("train", argv[2:]))) for argv in commands(block, "train.py")]
+    assert picked == [["wandb"], ["mlflow"], ["tensorboard", "wandb", "csv"], []]

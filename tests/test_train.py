@@ -95,6 +95,14 @@ def test_fit_on_real_tinystories_fills_run_dir(v1_dir, v1_txt, tmp_path, caplog)
     # The loss starts at ~ln(50257) = 10.8 and must fall well below it.
     assert best < math.log(50257) - 3
 
+    # The run dir, exactly: TensorBoard (the default tracker) alone, in tb/.
+    assert {p.name for p in run.iterdir()} == {
+        ".train.lock", "checkpoints", "slm.pt", "loss.png", "metrics.json", "slm.stories.jsonl",
+        "tb",
+    }  # fmt: skip
+    assert {p.name for p in (run / "tb").iterdir() if not p.name.startswith("events.out")} == {
+        "hparams.yaml"
+    }  # fmt: skip
     # TensorBoard: real event files with the curves.
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
