@@ -140,6 +140,44 @@ def read_sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", {})
 
 
+def recorded_data_dir(path: str | Path) -> Path | None:
+    """The data dir that the run of the checkpoint ``path`` trained on, where it is recorded:
+    a Lightning ``.ckpt`` (or sharded folder) records it (``TokenDataModule``'s ``dir``);
+    beside an ``slm.pt`` are its run's ``checkpoints/last.ckpt`` and ``.hydra/config.yaml``
+    (``data.dir``, relative to where ``train.py`` ran: ``.hydra/hydra.yaml``'s
+    ``hydra.runtime.cwd``). None where none of them does."""
+    path = Path(path).expanduser()
+    if is_hf_dir(path) or not path.exists():
+        return None
+    found = _datamodule_dir(path)
+    if found is None and path.is_file():
+        run = path.parent
+        found = _datamodule_dir(run / "checkpoints" / "last.ckpt") or _hydra_data_dir(run)
+    return found
+
+
+def _datamodule_dir(path: Path) -> Path | None:
+    try:
+        state = read(path, mmap=True).get("TokenDataModule")
+    except CheckpointError:  # absent, or not a checkpoint: nothing recorded here
+        return None
+    return Path(state["dir"]) if isinstance(state, dict) and state.get("dir") else None
+
+
+def _hydra_data_dir(run: Path) -> Path | None:
+    from omegaconf import OmegaConf
+
+    try:
+        data_dir = OmegaConf.select(OmegaConf.load(run / ".hydra/config.yaml"), "data.dir")
+        hydra = OmegaConf.load(run / ".hydra/hydra.yaml")
+        cwd = OmegaConf.select(hydra, "hydra.runtime.cwd", default=None)
+    except Exception:  # no such files, or not Hydra's
+        return None
+    if not data_dir or not cwd:
+        return None
+    return Path(str(cwd)) / Path(str(data_dir)).expanduser()
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer the checkpoint ``path`` was trained with, ready to encode: the one that
     an ``slm.pt`` or ``.ckpt`` embeds (``gpt2`` for a checkpoint from before tokenizers were

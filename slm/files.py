@@ -1,5 +1,5 @@
 """Files written whole or not at all: text, bytes, JSON, JSONL, ``torch.save`` and whole
-directories.
+directories; and directories that a failed step made, removed again (``removed_on_error``).
 
 One mechanism: write under a temporary name in the target's own directory
 (``NAME.<random>.tmp``: no two writers share one, and a crashed writer's leftovers are
@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,54 @@ def read_json(path: str | Path) -> dict:
     except (OSError, ValueError):
         return {}
     return obj if isinstance(obj, dict) else {}
+
+
+def missing_dirs(path: str | Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: the directories
+    that ``mkdir(parents=True)`` would create (and ``remove_dirs`` removes again)."""
+    path = Path(path).absolute()
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_dirs(dirs: Iterable[Path], leftovers: Iterable[str] = ()) -> None:
+    """Remove ``dirs`` (deepest first, as ``missing_dirs`` lists them), each with what it holds
+    where that is only ``leftovers`` (names: a lock file, Hydra's ``.hydra/``), up to the
+    first that holds anything else: the directories that a failed step made, and nothing
+    that another run or step has put there."""
+    keep = set(leftovers)
+    for d in dirs:
+        try:
+            entries = list(d.iterdir())
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+        if any(p.name not in keep for p in entries):
+            return
+        with contextlib.suppress(OSError):
+            for p in entries:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            d.rmdir()
+
+
+@contextlib.contextmanager
+def removed_on_error(path: str | Path, leftovers: Iterable[str] = ()) -> Iterator[None]:
+    """Where the block fails, the directories of ``path`` that did not exist before it are
+    removed again, if they hold only ``leftovers`` (``remove_dirs``): a failed step leaves no
+    empty directory behind."""
+    made = missing_dirs(path)
+    try:
+        yield
+    except BaseException:
+        remove_dirs(made, leftovers)
+        raise
 
 
 class NewDir:

@@ -35,7 +35,13 @@ from slm.callbacks import (
     ValidateAtEnd,
 )
 from slm.checkpoint import load_tokenizer
-from slm.config import command_line, model_overrides, resolve_hardware, validate
+from slm.config import (
+    check_added_keys,
+    command_line,
+    model_overrides,
+    resolve_hardware,
+    validate,
+)
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.model import GPT
@@ -44,7 +50,7 @@ from slm.outputs import deferred_signals, story_suite, write_outputs
 from slm.precision import trainer_precision
 from slm.prepare import prepare, read_tokenizer
 from slm.resume import apply_init_from, check_resume, resolve_ckpt_path
-from slm.rundir import run_dir_lock
+from slm.rundir import remove_unused, run_dir_lock
 from slm.strategy import (
     agree_on_start,
     is_sharded,
@@ -152,6 +158,7 @@ def main(cfg: DictConfig) -> float:
         return train(cfg)
     except (SlmError, FloatingPointError) as e:
         if not in_multirun() or isinstance(e, SweepError):
+            remove_unused()  # a run dir that holds nothing of the run (sweep jobs keep theirs)
             fail(e, log)
         log.error("error: %s", one_line(e))
         return FailedJob(one_line(e))
@@ -177,6 +184,7 @@ def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | Non
     it says ``auto``), ``init_from``, the data (prepared if missing), the checkpoint to
     resume. Returns the ``init_from`` model (or None), the data's tokenizer, the run dir and
     the checkpoint path (or None)."""
+    check_added_keys()  # train.py's +key=value that nothing would read
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)

@@ -46,8 +46,9 @@ def test_names_and_nouns_and_carryover_by_hand():
 
 
 def test_a_possessive_carries_its_name_and_noun():
-    """"Lily's" (or "Lily’s") is Lily: a completion that says it carries her, and an opening
-    that says it names her (as "the dog's" names the dog); "let's" stays no name."""
+    """A possessive is its owner: "Lily's" (or "Lily’s") in a completion carries Lily (it was
+    counted as dropping her), and in an opening names her (as "the dog's" names the dog);
+    "let's" stays no name."""
     opening = "Lily had a dog named Max."
     completion = "Lily's dog ran to Max’s bed."
     assert ms.carryover(opening, completion) == (1.0, ["Lily", "dog", "Max"], [])

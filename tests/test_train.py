@@ -315,7 +315,26 @@ def test_cli_errors_are_one_line(tmp_path, override, message):
     assert out.returncode == 1
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and f"error: {message}" in lines[0], lines
-    assert message in (tmp_path / "run" / "train.log").read_text()  # in the run's log too
+    assert not (tmp_path / "run").exists()  # stopped at its start: no run dir left behind
+
+
+@pytest.mark.slow
+def test_the_quick_start_offline_names_data_source_and_leaves_no_dirs(tmp_path):
+    """Offline, experiment=quickstart stops at the hub: its error said "give a local path"
+    and it left outputs/DATE/TIME (Hydra's files, the log, the lock) and an empty data dir."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "experiment=quickstart"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 1
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "could not load it from the Hugging Face hub" in lines[0], lines
+    assert "prepare from local files with data.source=PATH" in lines[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_short_runs_warm_up_without_an_error():
