@@ -13,6 +13,7 @@ directory as its tokenizer files. Whether a checkpoint fits a run is ``slm.resum
 from __future__ import annotations
 
 import dataclasses
+import errno
 import pickle
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slm import files, tokenizer
-from slm.errors import CheckpointError, first_line
+from slm.errors import CheckpointError, describe, first_line
 from slm.hf import read_hf, read_hf_tokenizer
 from slm.model import GPT, GPTConfig
 from slm.tokenizer import Tokenizer
@@ -217,6 +218,42 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
         )
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def not_written(path: str | Path, e: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint file or folder ``path`` that ``e`` kept from being
+    written, where nothing of it is left (it is written under a temporary name): a full disk
+    says ``no space left on device``; where the run dir has a ``last.ckpt``, how to resume."""
+    last = Path(path).parent / "last.ckpt"
+    resume = f"; then resume with ckpt_path={last}" if last.exists() else ""
+    if _no_space(e):
+        return CheckpointError(
+            f"{path}: no space left on device, so the checkpoint was not written (nothing of "
+            f"it is left); free space on that disk{resume}"
+        )
+    return CheckpointError(
+        f"{path}: the checkpoint could not be written ({describe(e)}); nothing of it is "
+        f"left{resume}"
+    )
+
+
+def _no_space(e: BaseException | None) -> bool:
+    """Whether ``e`` (or an error it carries: its causes, or the ranks' errors that
+    torch.distributed.checkpoint gathers) is a full disk."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (error, trace)}
+        if isinstance(failures, dict):
+            todo += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
+        todo += [e.__cause__, e.__context__]
+    return False
 
 
 def save_slm_pt(

@@ -37,7 +37,9 @@ def _replace(path: str | Path, write: Callable[[Path], Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except OSError:
+    except OSError as e:
+        if e.errno is not None and e.filename in (None, str(tmp)):  # a write's: name the file
+            raise type(e)(e.errno, e.strerror, str(path)) from e
         raise
     except Exception as e:  # e.g. torch.save's RuntimeError on a full disk
         raise OSError(errno.EIO, f"{type(e).__name__}: {first_line(e)}") from e
@@ -72,10 +74,19 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    """``torch.save(obj)`` into ``path``, atomically (``slm.pt``)."""
+    """``torch.save(obj)`` into ``path``, atomically (``slm.pt``, Lightning's ``.ckpt``).
+    Serialized in memory first, as Lightning does: a full disk is then Python's
+    ``OSError(ENOSPC)``, where ``torch.save`` into a file says only "file write failed"."""
+    import io
+
     import torch  # not for the commands that never write tensors (prepare, tokenizer seed)
 
-    _replace(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: Path) -> None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        tmp.write_bytes(buffer.getbuffer())
+
+    _replace(path, write)
 
 
 def read_json(path: str | Path) -> dict:
@@ -157,8 +168,14 @@ class NewDir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(publish=exc_type is None)
+
+    def close(self, publish: bool) -> None:
+        """What leaving the ``with`` block does, for a directory that is written outside one
+        (by several processes): ``publish`` it onto ``path``, or not; the temporary directory
+        is gone either way."""
         try:
-            if exc_type is None:
+            if publish:
                 self._publish()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

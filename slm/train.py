@@ -52,6 +52,7 @@ from slm.prepare import prepare, read_tokenizer
 from slm.resume import apply_init_from, check_resume, resolve_ckpt_path
 from slm.rundir import remove_unused, run_dir_lock
 from slm.strategy import (
+    WholeCheckpointIO,
     agree_on_start,
     is_sharded,
     launched_outside,
@@ -295,6 +296,7 @@ def _fit(
         callbacks.append(StepProgressBar(refresh_rate=every))
     trainer_args.update(trainer_precision(trainer_args.pop("precision"), cfg.trainer.accelerator))
     trainer_args["strategy"] = trainer_strategy(cfg)
+    trainer_args["plugins"] = [*trainer_args.get("plugins", []), WholeCheckpointIO()]
     trainer = L.Trainer(
         **trainer_args,
         logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
@@ -313,9 +315,15 @@ def _fit(
         # Sharded, the weights are gathered from every rank; rank 0 writes the files.
         if trainer.is_global_zero or is_sharded(module.model):
             with deferred_signals():  # a Ctrl-C now must not leave slm.pt without metrics
-                write_outputs(
-                    run_dir, module, best, history, trainer, error, n, agreed_stop=stop.stopped
-                )
+                try:
+                    write_outputs(
+                        run_dir, module, best, history, trainer, error, n, agreed_stop=stop.stopped
+                    )
+                except OSError as e:  # a full disk: said on one line, after the run's own error
+                    why = f"{e.filename}: {(e.strerror or str(e)).lower()}"
+                    if error is None:
+                        raise SlmError(f"{why}, so the run's outputs were not written") from e
+                    log.error("%s, so the run's outputs were not written either", why)
     if cfg.stories and trainer.is_global_zero:
         story_suite(cfg, run_dir, datamodule.dir / "val.bin", trainer, tok)
     score = best.best_model_score

@@ -13,10 +13,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_ARGS, generate_cli, tiny_cfg
+from conftest import TINY_ARGS, full_disk, generate_cli, tiny_cfg
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from slm.config import ConfigError, compose
+from slm.errors import CheckpointError
 from slm.model import GPT, GPTConfig
 from slm.module import GPTModule
 from slm.prepare import DataError, prepare
@@ -228,6 +229,31 @@ def test_failure_before_first_step_writes_no_weights(small_dir, tmp_path, monkey
     assert sorted(p.name for p in run.iterdir() if p.is_file()) == [".train.lock", "metrics.json"]
     # What the log says it wrote is what is there.
     assert f"wrote {run}/metrics.json: " in caplog.text and "slm.pt" not in caplog.text
+
+
+def test_a_full_disk_stops_the_run_on_one_line_and_leaves_no_partial_checkpoint(
+    small_dir, tmp_path
+):
+    """The disk fills after step 2's checkpoints: the run stopped with "best-step4.ckpt: not a
+    PyTorch checkpoint, or truncated" (slm.pt read the truncated file it had left). Now it says
+    why, and names the file; nothing partial is left, step 2's checkpoints are whole."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    cfg = tiny_cfg(small_dir[0], run, "trainer.max_steps=6", "val_every_n_steps=2")
+    with full_disk(ckpts, after=2) as written, pytest.raises(CheckpointError) as e:
+        train(cfg)
+    assert len(written) == 3  # best-step2, last at step 2, then the one that failed
+    msg = str(e.value)
+    failed = re.match(rf"{re.escape(str(ckpts))}/(best-step4|last)\.ckpt: (.*)", msg)
+    assert failed and "\n" not in msg, msg
+    assert failed[2] == (
+        "no space left on device, so the checkpoint was not written (nothing of it is left); "
+        f"free space on that disk; then resume with ckpt_path={ckpts / 'last.ckpt'}"
+    )
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best-step2.ckpt", "last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "no space left on device" in metrics["error"]
 
 
 def test_block_size_larger_than_split(small_dir, tmp_path):
