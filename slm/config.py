@@ -41,7 +41,7 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
                 raise
             except ConfigCompositionException as e:  # e.g. a key the config does not have
                 raise ConfigError(_not_composed(e, config_name, overrides)) from e
-            check_added_keys(overrides, config_name)
+            check_added_keys(cfg, overrides, config_name)
             return cfg
     except OverrideParseException as e:
         raise ConfigError(_unparsable(overrides)) from e
@@ -66,9 +66,8 @@ def _not_composed(e: Exception, config_name: str, overrides: Sequence[str]) -> s
     if text == hint:  # another composition error: Hydra's hint as it is
         return head + "; check its spelling" + (f"; {hint[0].lower()}{hint[1:]}" if hint else "")
     try:
-        closest = _closest_hint(
-            text, _compose_base(config_name, [o for o in overrides if o != text])
-        )
+        base = _compose_base(config_name, [o for o in overrides if o != text])
+        closest = _closest_hint(text, _keys(OmegaConf.to_container(base, resolve=False)))
     except Exception:  # another bad override: no suggestion
         closest = ""
     return head + (closest or "; check its spelling")
@@ -83,53 +82,64 @@ def _compose_base(config_name: str, overrides: Sequence[str]) -> DictConfig:
 
 
 def check_added_keys(
-    overrides: Sequence[str] | None = None, config_name: str | None = None
+    cfg: DictConfig, overrides: Sequence[str] | None = None, config_name: str | None = None
 ) -> None:
-    """A one-line ``ConfigError`` for an override that adds a key nothing reads:
+    """A one-line ``ConfigError`` for an override of ``cfg`` that adds a key nothing reads:
     ``+key=value``, or ``++key=value`` where the config has no ``key`` (Hydra's own hint for a
     key it does not know is ``+key=value``, and ``generate.py +max_tokens=10`` was taken and
     ignored). The additions that are meant stay: ``+trainer.NAME=VALUE`` where the config has
     ``trainer`` (a ``lightning.Trainer`` argument: ``train`` checks it), ``+model.FIELD`` for
     a ``GPTConfig`` field that the preset leaves out (``model.vocab_size``: checked against the
     data), ``hydra.*``, and config groups (``+group=option``: Hydra checks those). Without
-    arguments, in a Hydra app: its command line and config (``train.py``, ``generate.py``);
-    outside one, nothing to check.
+    ``overrides``, in a Hydra app: its command line and config (``train.py``,
+    ``generate.py``); outside one, nothing to check.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-
     if overrides is None:
         overrides = _task()
         if not overrides:  # outside a Hydra app, or nothing on its command line
             return
         config_name = _config_name()
-    texts = list(overrides)
-    parsed = OverridesParser.create().parse_overrides(texts)
-    added = [
-        (text, o)
-        for text, o in zip(texts, parsed)
-        if o.type in (OverrideType.ADD, OverrideType.FORCE_ADD)
-        and not o.is_hydra_override()
-        and not Path(CONF_DIR, *o.key_or_group.split("/")).is_dir()  # a config group
-    ]
+    added = []  # (text, key): Hydra has parsed them, so the key is what precedes "=" (or "@")
+    for text in overrides:
+        key = text.lstrip("+").partition("=")[0].partition("@")[0]
+        group = Path(CONF_DIR, *key.split("/")).is_dir()
+        if text.startswith("+") and not group and key.partition(".")[0].split("/")[0] != "hydra":
+            added.append((text, key))
     if not added:
         return
-    base = _compose_base(config_name, [t for t in texts if t not in {a for a, _ in added}])
-    tree = OmegaConf.to_container(base, resolve=False)
+    if any(text.startswith("++") for text, _ in added):  # it may name a key the config has
+        rest = [t for t in overrides if t not in {text for text, _ in added}]
+        base = OmegaConf.to_container(_compose_base(config_name, rest), resolve=False)
+    else:  # Hydra refuses +key=value where key is there: the config without them is cfg's rest
+        base = _without(OmegaConf.to_container(cfg, resolve=False), {key for _, key in added})
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    for text, o in added:
-        key = o.key_or_group
-        if _has_key(tree, key) and o.type == OverrideType.FORCE_ADD:
+    for text, key in added:
+        if text.startswith("++") and _has_key(base, key):
             continue  # ++key=value on a key the config has: an override
         section, _, name = key.partition(".")
-        if _has_key(tree, section) and (
+        if _has_key(base, section) and (
             section == "trainer" or (section == "model" and name in fields)
         ):
             continue  # a Trainer argument, or a GPTConfig field the preset leaves at its default
         raise ConfigError(
             f"{text} adds a key that nothing reads: conf/{config_name}.yaml has no {key}"
-            + (_closest_hint(text.lstrip("+"), base) or "; check its spelling")
+            + (_closest_hint(text.lstrip("+"), _keys(base)) or "; check its spelling")
         )
+
+
+def _without(tree: dict, keys: set[str], prefix: str = "") -> dict:
+    """The config ``tree`` without ``keys``, nor the sections that only they make up."""
+    out = {}
+    for k, v in tree.items():
+        if f"{prefix}{k}" in keys:
+            continue
+        if isinstance(v, dict):
+            rest = _without(v, keys, f"{prefix}{k}.")
+            if v and not rest:
+                continue
+            v = rest
+        out[k] = v
+    return out
 
 
 def _has_key(tree: dict, key: str) -> bool:
@@ -151,14 +161,13 @@ def _keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _closest_hint(text: str, cfg: DictConfig) -> str:
-    """``; did you mean KEY=VALUE?`` for the key of ``cfg`` closest to the one that the
+def _closest_hint(text: str, keys: list[str]) -> str:
+    """``; did you mean KEY=VALUE?`` for the one of ``keys`` closest to the key that the
     override ``text`` (``key=value``) names, by the whole key or its last part; ``""`` where
     none is close."""
     import difflib
 
     key, _, value = text.partition("=")
-    keys = _keys(OmegaConf.to_container(cfg, resolve=False))
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
     if not match:
         last = {k.rpartition(".")[2]: k for k in reversed(keys)}  # the first key of a name

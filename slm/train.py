@@ -185,7 +185,7 @@ def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | Non
     it says ``auto``), ``init_from``, the data (prepared if missing), the checkpoint to
     resume. Returns the ``init_from`` model (or None), the data's tokenizer, the run dir and
     the checkpoint path (or None)."""
-    check_added_keys()  # train.py's +key=value that nothing would read
+    check_added_keys(cfg)  # train.py's +key=value that nothing would read
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
