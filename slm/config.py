@@ -81,6 +81,12 @@ def _compose_base(config_name: str, overrides: Sequence[str]) -> DictConfig:
     return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+# Sections whose added keys are read and checked by their owner: Lightning's Trainer arguments
+# (train's check_trainer_args), the trackers' settings of the logger group (a tag map takes
+# names of the user's own).
+CHECKED_SECTIONS = ("trainer", "logger")
+
+
 def check_added_keys(
     cfg: DictConfig, overrides: Sequence[str] | None = None, config_name: str | None = None
 ) -> None:
@@ -88,9 +94,10 @@ def check_added_keys(
     ``+key=value``, or ``++key=value`` where the config has no ``key`` (Hydra's own hint for a
     key it does not know is ``+key=value``, and ``generate.py +max_tokens=10`` was taken and
     ignored). The additions that are meant stay: ``+trainer.NAME=VALUE`` where the config has
-    ``trainer`` (a ``lightning.Trainer`` argument: ``train`` checks it), ``+model.FIELD`` for
-    a ``GPTConfig`` field that the preset leaves out (``model.vocab_size``: checked against the
-    data), ``hydra.*``, and config groups (``+group=option``: Hydra checks those). Without
+    ``trainer`` (a ``lightning.Trainer`` argument: ``train`` checks it), likewise
+    ``+logger.*`` (``CHECKED_SECTIONS``), ``+model.FIELD`` for a ``GPTConfig`` field that the
+    preset leaves out (``model.vocab_size``: checked against the data), ``hydra.*``, and
+    config groups (``+group=option``: Hydra checks those). Without
     ``overrides``, in a Hydra app: its command line and config (``train.py``,
     ``generate.py``); outside one, nothing to check.
     """
@@ -118,7 +125,7 @@ def check_added_keys(
             continue  # ++key=value on a key the config has: an override
         section, _, name = key.partition(".")
         if _has_key(base, section) and (
-            section == "trainer" or (section == "model" and name in fields)
+            section in CHECKED_SECTIONS or (section == "model" and name in fields)
         ):
             continue  # a Trainer argument, or a GPTConfig field the preset leaves at its default
         raise ConfigError(
