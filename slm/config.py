@@ -114,28 +114,39 @@ def check_added_keys(
             added.append((text, key))
     if not added:
         return
-    if any(text.startswith("++") for text, _ in added):  # it may name a key the config has
-        rest = [t for t in overrides if t not in {text for text, _ in added}]
-        base = OmegaConf.to_container(_compose_base(config_name, rest), resolve=False)
-    else:  # Hydra refuses +key=value where key is there: the config without them is cfg's rest
-        base = _without(OmegaConf.to_container(cfg, resolve=False), {key for _, key in added})
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    rest = _without(tree, {key for _, key in added})  # cfg but for what was added
+    composed: list[dict] = []
+
+    def base() -> dict:
+        """The config without the additions, composed (once): where ``rest`` cannot tell (a
+        ``++`` may name a key the config has; a section may be empty in it: logger.csv)."""
+        if not composed:
+            others = [t for t in overrides if t not in {text for text, _ in added}]
+            composed.append(
+                OmegaConf.to_container(_compose_base(config_name, others), resolve=False)
+            )
+        return composed[0]
+
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     for text, key in added:
-        if text.startswith("++") and _has_key(base, key):
+        if text.startswith("++") and _has_key(base(), key):
             continue  # ++key=value on a key the config has: an override
         section, _, name = key.partition(".")
-        if _has_key(base, section) and (
-            section in CHECKED_SECTIONS or (section == "model" and name in fields)
+        if (section in CHECKED_SECTIONS or (section == "model" and name in fields)) and (
+            _has_key(rest, section) or _has_key(base(), section)
         ):
             continue  # a Trainer argument, or a GPTConfig field the preset leaves at its default
         raise ConfigError(
             f"{text} adds a key that nothing reads: conf/{config_name}.yaml has no {key}"
-            + (_closest_hint(text.lstrip("+"), _keys(base)) or "; check its spelling")
+            + (_closest_hint(text.lstrip("+"), _keys(rest)) or "; check its spelling")
         )
 
 
 def _without(tree: dict, keys: set[str], prefix: str = "") -> dict:
-    """The config ``tree`` without ``keys``, nor the sections that only they make up."""
+    """The config ``tree`` without ``keys``, nor the sections that only they make up (Hydra
+    refuses ``+key=value`` where the config has ``key``: this is the config before them, but
+    for a section that was empty)."""
     out = {}
     for k, v in tree.items():
         if f"{prefix}{k}" in keys:
