@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from slm.checkpoint import load_model, load_tokenizer
-from slm.config import resolve_inference
+from slm.config import check_added_keys, resolve_inference
 from slm.errors import report
 from slm.sample import check_sampling, generate, warm_up
 
@@ -30,6 +30,7 @@ from slm.sample import check_sampling, generate, warm_up
 def validate(cfg: DictConfig) -> tuple[torch.device, bool]:
     """The device to run on and whether to compile the decode step; ``ValueError`` (one line)
     for the first bad argument. Runs before the checkpoint is read, so a typo fails at once."""
+    check_added_keys(cfg)  # +key=value that nothing would read (Hydra's hint for a typo)
     device, compile = resolve_inference(cfg, "python generate.py ckpt=PATH (a slm.pt or .ckpt)")
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples)
     if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):
