@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from slm.checkpoint import load_model, load_tokenizer
-from slm.config import Inference, resolve_inference
+from slm.config import Inference, check_added_keys, resolve_inference
 from slm.errors import report
 from slm.sample import generate, warm_up
 from slm.sampling import check_sampling
@@ -33,6 +33,7 @@ def validate(cfg: DictConfig) -> Inference:
     """The device to run on, whether to compile the decode step and the weights' format;
     ``ValueError`` (one line) for the first bad argument. Runs before the checkpoint is read,
     so a typo fails at once."""
+    check_added_keys(cfg)  # +key=value that nothing would read (Hydra's hint for a typo)
     plan = resolve_inference(cfg, "python generate.py ckpt=PATH (a slm.pt or .ckpt)")
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples)
     if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):

@@ -4,6 +4,7 @@ python train.py model=small trainer.devices=1
 python train.py -m model=tiny,small optim.lr=3e-4,1e-3      # a sweep, one job each
 """
 
+import sys
 import warnings
 
 import hydra
@@ -23,3 +24,6 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    from slm.sweep import exit_status  # a -m sweep with a failed job exits with 1
+
+    sys.exit(exit_status())

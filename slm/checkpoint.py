@@ -13,6 +13,7 @@ directory as its tokenizer files. Whether a checkpoint fits a run is ``slm.resum
 from __future__ import annotations
 
 import dataclasses
+import errno
 import pickle
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from slm import files, tokenizer
-from slm.errors import CheckpointError, first_line
+from slm.errors import CheckpointError, describe, first_line
 from slm.hf import read_hf, read_hf_tokenizer
 from slm.model import GPT, GPTConfig
 from slm.tokenizer import Tokenizer
@@ -140,6 +141,44 @@ def read_sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", {})
 
 
+def recorded_data_dir(path: str | Path) -> Path | None:
+    """The data dir that the run of the checkpoint ``path`` trained on, where it is recorded:
+    a Lightning ``.ckpt`` (or sharded folder) records it (``TokenDataModule``'s ``dir``);
+    beside an ``slm.pt`` are its run's ``checkpoints/last.ckpt`` and ``.hydra/config.yaml``
+    (``data.dir``, relative to where ``train.py`` ran: ``.hydra/hydra.yaml``'s
+    ``hydra.runtime.cwd``). None where none of them does."""
+    path = Path(path).expanduser()
+    if is_hf_dir(path) or not path.exists():
+        return None
+    found = _datamodule_dir(path)
+    if found is None and path.is_file():
+        run = path.parent
+        found = _datamodule_dir(run / "checkpoints" / "last.ckpt") or _hydra_data_dir(run)
+    return found
+
+
+def _datamodule_dir(path: Path) -> Path | None:
+    try:
+        state = read(path, mmap=True).get("TokenDataModule")
+    except CheckpointError:  # absent, or not a checkpoint: nothing recorded here
+        return None
+    return Path(state["dir"]) if isinstance(state, dict) and state.get("dir") else None
+
+
+def _hydra_data_dir(run: Path) -> Path | None:
+    from omegaconf import OmegaConf
+
+    try:
+        data_dir = OmegaConf.select(OmegaConf.load(run / ".hydra/config.yaml"), "data.dir")
+        hydra = OmegaConf.load(run / ".hydra/hydra.yaml")
+        cwd = OmegaConf.select(hydra, "hydra.runtime.cwd", default=None)
+    except Exception:  # no such files, or not Hydra's
+        return None
+    if not data_dir or not cwd:
+        return None
+    return Path(str(cwd)) / Path(str(data_dir)).expanduser()
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer the checkpoint ``path`` was trained with, ready to encode: the one that
     an ``slm.pt`` or ``.ckpt`` embeds (``gpt2`` for a checkpoint from before tokenizers were
@@ -186,6 +225,42 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
         )
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def not_written(path: str | Path, e: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint file or folder ``path`` that ``e`` kept from being
+    written, where nothing of it is left (it is written under a temporary name): a full disk
+    says ``no space left on device``; where the run dir has a ``last.ckpt``, how to resume."""
+    last = Path(path).parent / "last.ckpt"
+    resume = f"; then resume with ckpt_path={last}" if last.exists() else ""
+    if _no_space(e):
+        return CheckpointError(
+            f"{path}: no space left on device, so the checkpoint was not written (nothing of "
+            f"it is left); free space on that disk{resume}"
+        )
+    return CheckpointError(
+        f"{path}: the checkpoint could not be written ({describe(e)}); nothing of it is "
+        f"left{resume}"
+    )
+
+
+def _no_space(e: BaseException | None) -> bool:
+    """Whether ``e`` (or an error it carries: its causes, or the ranks' errors that
+    torch.distributed.checkpoint gathers) is a full disk."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (error, trace)}
+        if isinstance(failures, dict):
+            todo += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
+        todo += [e.__cause__, e.__context__]
+    return False
 
 
 def save_slm_pt(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
-    """The config that ``@hydra.main`` would build, for code run outside a Hydra app."""
+    """The config that ``@hydra.main`` would build, for code run outside a Hydra app; a
+    one-line ``ConfigError`` for an override it cannot take, or one that adds a key nothing
+    reads (``check_added_keys``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import (
@@ -34,7 +37,14 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+            try:
+                cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            except MissingConfigException:
+                raise
+            except ConfigCompositionException as e:  # e.g. a key the config does not have
+                raise ConfigError(_not_composed(e, config_name, overrides)) from e
+            check_added_keys(cfg, overrides, config_name)
+            return cfg
     except OverrideParseException as e:
         raise ConfigError(_unparsable(overrides)) from e
     except MissingConfigException as e:
@@ -45,13 +55,145 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> DictCo
         if len(lines) > 2:
             msg += f"; choose one of {', '.join(lines[2:])}"
         raise ConfigError(msg) from e
-    except ConfigCompositionException as e:  # e.g. a key the config does not have
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        hint = f"; {lines[1][0].lower()}{lines[1][1:]}" if len(lines) > 1 else ""
+
+
+def _not_composed(e: Exception, config_name: str, overrides: Sequence[str]) -> str:
+    """Hydra's several lines for an override it cannot apply, on one. For a key the config
+    does not have, its hint (``+key=value``) would add a key that nothing reads: the closest
+    key instead."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    head = f"{lines[0].rstrip('.')}: conf/{config_name}.yaml has no such key"
+    hint = lines[1] if len(lines) > 1 else ""
+    text = hint.removeprefix("To append to your config use +")
+    if text == hint:  # another composition error: Hydra's hint as it is
+        return head + "; check its spelling" + (f"; {hint[0].lower()}{hint[1:]}" if hint else "")
+    try:
+        base = _compose_base(config_name, [o for o in overrides if o != text])
+        closest = _closest_hint(text, _keys(OmegaConf.to_container(base, resolve=False)))
+    except Exception:  # another bad override: no suggestion
+        closest = ""
+    return head + (closest or "; check its spelling")
+
+
+def _compose_base(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """The config of ``overrides`` under the Hydra already initialized (a Hydra app's, or
+    ``compose``'s)."""
+    from hydra import compose as hydra_compose
+
+    return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+# Sections whose added keys are read and checked by their owner: Lightning's Trainer arguments
+# (train's check_trainer_args), the trackers' settings of the logger group (a tag map takes
+# names of the user's own).
+CHECKED_SECTIONS = ("trainer", "logger")
+
+
+def check_added_keys(
+    cfg: DictConfig, overrides: Sequence[str] | None = None, config_name: str | None = None
+) -> None:
+    """A one-line ``ConfigError`` for an override of ``cfg`` that adds a key nothing reads:
+    ``+key=value``, or ``++key=value`` where the config has no ``key`` (Hydra's own hint for a
+    key it does not know is ``+key=value``, and ``generate.py +max_tokens=10`` was taken and
+    ignored). The additions that are meant stay: ``+trainer.NAME=VALUE`` where the config has
+    ``trainer`` (a ``lightning.Trainer`` argument: ``train`` checks it), likewise
+    ``+logger.*`` (``CHECKED_SECTIONS``), ``+model.FIELD`` for a ``GPTConfig`` field that the
+    preset leaves out (``model.vocab_size``: checked against the data), ``hydra.*``, and
+    config groups (``+group=option``: Hydra checks those). Without
+    ``overrides``, in a Hydra app: its command line and config (``train.py``,
+    ``generate.py``); outside one, nothing to check.
+    """
+    if overrides is None:
+        overrides = _task()
+        if not overrides:  # outside a Hydra app, or nothing on its command line
+            return
+        config_name = _config_name()
+    added = []  # (text, key): Hydra has parsed them, so the key is what precedes "=" (or "@")
+    for text in overrides:
+        key = text.lstrip("+").partition("=")[0].partition("@")[0]
+        group = Path(CONF_DIR, *key.split("/")).is_dir()
+        if text.startswith("+") and not group and key.partition(".")[0].split("/")[0] != "hydra":
+            added.append((text, key))
+    if not added:
+        return
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    rest = _without(tree, {key for _, key in added})  # cfg but for what was added
+    composed: list[dict] = []
+
+    def base() -> dict:
+        """The config without the additions, composed (once): where ``rest`` cannot tell (a
+        ``++`` may name a key the config has; a section may be empty in it: logger.csv)."""
+        if not composed:
+            others = [t for t in overrides if t not in {text for text, _ in added}]
+            composed.append(
+                OmegaConf.to_container(_compose_base(config_name, others), resolve=False)
+            )
+        return composed[0]
+
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    for text, key in added:
+        if text.startswith("++") and _has_key(base(), key):
+            continue  # ++key=value on a key the config has: an override
+        section, _, name = key.partition(".")
+        if (section in CHECKED_SECTIONS or (section == "model" and name in fields)) and (
+            _has_key(rest, section) or _has_key(base(), section)
+        ):
+            continue  # a Trainer argument, or a GPTConfig field the preset leaves at its default
         raise ConfigError(
-            f"{lines[0].rstrip('.')}: conf/{config_name}.yaml has no such key; check its "
-            f"spelling{hint}"
-        ) from e
+            f"{text} adds a key that nothing reads: conf/{config_name}.yaml has no {key}"
+            + (_closest_hint(text.lstrip("+"), _keys(rest)) or "; check its spelling")
+        )
+
+
+def _without(tree: dict, keys: set[str], prefix: str = "") -> dict:
+    """The config ``tree`` without ``keys``, nor the sections that only they make up (Hydra
+    refuses ``+key=value`` where the config has ``key``: this is the config before them, but
+    for a section that was empty)."""
+    out = {}
+    for k, v in tree.items():
+        if f"{prefix}{k}" in keys:
+            continue
+        if isinstance(v, dict):
+            rest = _without(v, keys, f"{prefix}{k}.")
+            if v and not rest:
+                continue
+            v = rest
+        out[k] = v
+    return out
+
+
+def _has_key(tree: dict, key: str) -> bool:
+    """Whether the config ``tree`` (``OmegaConf.to_container``) has the dotted ``key``."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of the config ``tree``, its sections' too."""
+    keys = []
+    for k, v in tree.items():
+        keys.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            keys += _keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def _closest_hint(text: str, keys: list[str]) -> str:
+    """``; did you mean KEY=VALUE?`` for the one of ``keys`` closest to the key that the
+    override ``text`` (``key=value``) names, by the whole key or its last part; ``""`` where
+    none is close."""
+    import difflib
+
+    key, _, value = text.partition("=")
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+    if not match:
+        last = {k.rpartition(".")[2]: k for k in reversed(keys)}  # the first key of a name
+        near = difflib.get_close_matches(key.rpartition(".")[2], list(last), n=1, cutoff=0.75)
+        match = [last[near[0]]] if near else []
+    return f"; did you mean {match[0]}={value}?" if match else ""
 
 
 def _unparsable(overrides: Sequence[str]) -> str:
@@ -205,6 +347,13 @@ def command_line(group: str) -> list[str]:
     task = _task()
     keys = [text.lstrip("+~").partition("=")[0] for text in task]
     return [text for text, key in zip(task, keys) if key == group or key.startswith(group + ".")]
+
+
+def _config_name() -> str:
+    """This Hydra app's config name (``train``, ``generate``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().job.config_name)
 
 
 def _choice(group: str) -> str:

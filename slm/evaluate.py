@@ -6,9 +6,12 @@ model's ``block_size`` (the last, partial window is left out).
 
 With ``data.dir`` (prepared on demand, like training, with the checkpoint's own tokenizer:
 ``data.source`` null stands for what it holds) the text is its ``val.bin``, which must be
-tokens of the checkpoint's tokenizer. With ``text=SRC`` (any ``data.source``: a hub name, a
-file or a directory) it is every story of SRC, all its splits, tokenized with the checkpoint's
-tokenizer into a temporary file: no data dir is read or written.
+tokens of the checkpoint's tokenizer. Without ``data.dir`` (or ``data.source``) on the
+command line it is the data dir that the checkpoint's run trained on, where it records one
+(``checkpoint.recorded_data_dir``), else ``data/tinystories``; stderr says which. With
+``text=SRC`` (any ``data.source``: a hub name, a file or a directory) it is every story of
+SRC, all its splits, tokenized with the checkpoint's tokenizer into a temporary file: no data
+dir is read or written.
 
     python -m slm.evaluate ckpt=PATH data.dir=DIR stories=50 [judge=URL_OR_DIR]
 
@@ -33,10 +36,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from slm import stories
-from slm.checkpoint import load_model, load_tokenizer
+from slm.checkpoint import load_model, load_tokenizer, recorded_data_dir
 from slm.config import compose, resolve_inference
 from slm.data import FixedWindows, load_tokens
 from slm.errors import DataError, run_cli
@@ -120,7 +124,7 @@ def tokenized_text(source: str, tokenizer: Tokenizer | None = None) -> Iterator[
         try:
             stats = tokenize(source, path, tokenizer)
         except DataError as e:  # load_source names the key it knows, data.source
-            raise DataError(str(e).replace("data.source", "text", 1)) from e
+            raise DataError(str(e).replace("data.source", "text")) from e
         yield path, stats
 
 
@@ -147,8 +151,23 @@ def with_weights(model: GPT, weights: str, measure: Callable[[GPT], dict]) -> di
     return result
 
 
+def _which_data_dir(cfg: DictConfig, argv: list[str]) -> tuple[str, str]:
+    """The data dir to evaluate on, and why: ``data.dir`` where the command line names it (or
+    names ``data.source``: another text, prepared there), else the one that the checkpoint's
+    run trained on (``checkpoint.recorded_data_dir``), else the default."""
+    given = {a.lstrip("+~").partition("=")[0] for a in argv}
+    if given & {"data.dir", "data.source"}:
+        return str(cfg.data.dir), "as given"
+    recorded = recorded_data_dir(cfg.ckpt)
+    if recorded is not None and read_meta(recorded) is not None:
+        return str(recorded), f"where the run of {cfg.ckpt} trained; data.dir=DIR for another"
+    gone = f"; its run's {recorded} holds no prepared data" if recorded else ""
+    return str(cfg.data.dir), f"the default{gone}; data.dir=DIR for another"
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg = compose("evaluate", sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = compose("evaluate", argv)
     device, _, weights = resolve_inference(cfg, "ckpt=PATH to a .ckpt or slm.pt", compiles=False)
     ckpt = cfg.ckpt
     stories.check(cfg)
@@ -175,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
             if cfg.stories:
                 result["stories"] = suite(path)
     else:
+        d.dir, why = _which_data_dir(cfg, argv)
+        print(f"data.dir={d.dir} ({why})", file=sys.stderr)
         if not d.overwrite:
             check_tokenizer(d.dir, tok)  # before prepare's error, which knows no checkpoint
         # A no-op when already prepared.

@@ -1,5 +1,5 @@
 """Files written whole or not at all: text, bytes, JSON, JSONL, ``torch.save`` and whole
-directories.
+directories; and directories that a failed step made, removed again (``removed_on_error``).
 
 One mechanism: write under a temporary name in the target's own directory
 (``NAME.<random>.tmp``: no two writers share one, and a crashed writer's leftovers are
@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ def _replace(path: str | Path, write: Callable[[Path], Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except OSError:
+    except OSError as e:
+        if e.errno is not None and e.filename in (None, str(tmp)):  # a write's: name the file
+            raise type(e)(e.errno, e.strerror, str(path)) from e
         raise
     except Exception as e:  # e.g. torch.save's RuntimeError on a full disk
         raise OSError(errno.EIO, f"{type(e).__name__}: {first_line(e)}") from e
@@ -72,10 +74,19 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    """``torch.save(obj)`` into ``path``, atomically (``slm.pt``)."""
+    """``torch.save(obj)`` into ``path``, atomically (``slm.pt``, Lightning's ``.ckpt``).
+    Serialized in memory first, as Lightning does: a full disk is then Python's
+    ``OSError(ENOSPC)``, where ``torch.save`` into a file says only "file write failed"."""
+    import io
+
     import torch  # not for the commands that never write tensors (prepare, tokenizer seed)
 
-    _replace(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: Path) -> None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        tmp.write_bytes(buffer.getbuffer())
+
+    _replace(path, write)
 
 
 def read_json(path: str | Path) -> dict:
@@ -86,6 +97,54 @@ def read_json(path: str | Path) -> dict:
     except (OSError, ValueError):
         return {}
     return obj if isinstance(obj, dict) else {}
+
+
+def missing_dirs(path: str | Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: the directories
+    that ``mkdir(parents=True)`` would create (and ``remove_dirs`` removes again)."""
+    path = Path(path).absolute()
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_dirs(dirs: Iterable[Path], leftovers: Iterable[str] = ()) -> None:
+    """Remove ``dirs`` (deepest first, as ``missing_dirs`` lists them), each with what it holds
+    where that is only ``leftovers`` (names: a lock file, Hydra's ``.hydra/``), up to the
+    first that holds anything else: the directories that a failed step made, and nothing
+    that another run or step has put there."""
+    keep = set(leftovers)
+    for d in dirs:
+        try:
+            entries = list(d.iterdir())
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+        if any(p.name not in keep for p in entries):
+            return
+        with contextlib.suppress(OSError):
+            for p in entries:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            d.rmdir()
+
+
+@contextlib.contextmanager
+def removed_on_error(path: str | Path, leftovers: Iterable[str] = ()) -> Iterator[None]:
+    """Where the block fails, the directories of ``path`` that did not exist before it are
+    removed again, if they hold only ``leftovers`` (``remove_dirs``): a failed step leaves no
+    empty directory behind."""
+    made = missing_dirs(path)
+    try:
+        yield
+    except BaseException:
+        remove_dirs(made, leftovers)
+        raise
 
 
 class NewDir:
@@ -109,8 +168,14 @@ class NewDir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(publish=exc_type is None)
+
+    def close(self, publish: bool) -> None:
+        """What leaving the ``with`` block does, for a directory that is written outside one
+        (by several processes): ``publish`` it onto ``path``, or not; the temporary directory
+        is gone either way."""
         try:
-            if exc_type is None:
+            if publish:
                 self._publish()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -80,13 +80,22 @@ VERBS = frozenset(
 # Nouns that set a scene rather than name a thing to carry on ("once upon a time").
 FILLER_NOUNS = frozenset("time day night morning lot bit way while kind thing things".split())
 _WORD_CASED = re.compile(r"[A-Za-z]+(?:['’][a-z]+)*")
+_POSSESSIVE = re.compile(r"['’]s$")
+
+
+def _owner(word: str) -> str:
+    """A possessive's owner ("Lily's" -> "Lily", "dog’s" -> "dog"), other words as they are;
+    a function word's contraction stays whole ("let's": never a name)."""
+    if word.lower().replace("’", "'") in FUNCTION_WORDS:
+        return word
+    return _POSSESSIVE.sub("", word)
 
 
 def names_and_nouns(text: str) -> list[str]:
     """The names and nouns of ``text`` by a plain heuristic, in order, without repeats:
 
     - a name is a capitalized word that is no function word ("Lily", "Max", "Mom"; not
-      "Once", "She", "The");
+      "Once", "She", "The"); a possessive counts as its owner ("Lily's" -> "Lily");
     - a noun is the word after a determiner (a, the, his, ...), past up to three adjectives
       (common ones, and words ending like one, -y, -ful, -ous, ..., before another word: "a
       little girl" -> girl, "a clumsy rabbit" -> rabbit), unless it is a function or filler
@@ -94,7 +103,7 @@ def names_and_nouns(text: str) -> list[str]:
 
     Pronouns are not followed (a completion that says "she" for Lily does not carry Lily),
     and nouns without a determiner ("birds sang") are missed."""
-    tokens = _WORD_CASED.findall(text)
+    tokens = [_owner(w) for w in _WORD_CASED.findall(text)]
     found: list[str] = []
     for i, w in enumerate(tokens):
         low = w.lower().replace("’", "'")
@@ -136,11 +145,12 @@ def _forms(word: str) -> set[str]:
 
 def carryover(opening: str, completion: str) -> tuple[float | None, list[str], list[str]]:
     """The share of ``opening``'s names and nouns that ``completion`` uses again (in either
-    number, any case), with the carried and the dropped ones; None when the opening has none."""
+    number, any case, or as a possessive: "Lily's" carries Lily), with the carried and the
+    dropped ones; None when the opening has none."""
     terms = names_and_nouns(opening)
     if not terms:
         return None, [], []
-    present = set(words(completion))
+    present = {form for w in words(completion) for form in (w, _owner(w))}
     carried = [t for t in terms if _forms(t) & present]
     dropped = [t for t in terms if t not in carried]
     return len(carried) / len(terms), carried, dropped

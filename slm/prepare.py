@@ -504,7 +504,8 @@ def prepare(
     out = Path(data_dir).expanduser().resolve()
     if source:
         check_not_a_missing_path(source)
-    with _locked(out) as locked:
+    # A dir this prepare made is removed again where it fails (it would hold only the lock).
+    with files.removed_on_error(out, leftovers=[LOCK]), _locked(out) as locked:
         src = resolve_source(source, out)
         fix = prepare_command(out, src if source else None, val_fraction, config, max_stories)
         meta = None if overwrite else read_meta(out, fix)

@@ -5,7 +5,8 @@
 A second ``train.py`` with the same ``hydra.run.dir`` stops with one line instead of
 overwriting the first one's checkpoints, ``slm.pt``, ``metrics.json``, logs and TensorBoard
 events. The lock goes with its process (``flock``), so a killed run leaves no lock that
-blocks the next. Light on imports (no torch): a second run fails in a second.
+blocks the next. Light on imports (no torch): a second run fails in a second. A run that
+stops at its start leaves no run dir that it created (``remove_unused``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from slm import files
 from slm.errors import ConfigError, fail
 
 try:
@@ -27,6 +29,9 @@ except ImportError:  # Windows: no flock; runs are not locked
 
 LOCK = ".train.lock"
 _held: set[Path] = set()  # the run dirs this process holds
+_made: dict[Path, list[Path]] = {}  # run dir -> the dirs that taking it created (it, parents)
+# What a run dir holds before its run has written anything: Hydra's config copy, the log, the lock.
+BEFORE_THE_RUN = (".hydra", "train.log", LOCK)
 # Where launchers put a process's global rank (those Lightning reads): torchrun, SLURM, ...
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
@@ -47,7 +52,10 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
     if run_dir in _held or fcntl is None or _rank() != 0:
         yield
         return
+    made = files.missing_dirs(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if made:
+        _made[run_dir] = made
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -69,7 +77,17 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         _held.discard(run_dir)
+        _made.pop(run_dir, None)  # only a run dir of a run under way is removed unused
         os.close(fd)  # releases the lock
+
+
+def remove_unused() -> None:
+    """Remove the run dirs that this process created and that hold nothing of a run (only
+    ``BEFORE_THE_RUN``), with the parents made for them (``outputs/DATE``): a run that stops at
+    its start (a config error, data it cannot read) leaves no empty run dir behind; its error
+    was said on the console."""
+    for made in _made.values():
+        files.remove_dirs(made, BEFORE_THE_RUN)
 
 
 class RunDirLock(Callback):

@@ -146,7 +146,8 @@ def load_source(
         except Exception as e:
             raise DataError(
                 f"data.source {source}: could not load it from the Hugging Face hub "
-                f"({describe(e)}); check the name and your network, or give a local path"
+                f"({describe(e)}); check the name and your network, or prepare from local "
+                "files with data.source=PATH (README: Offline)"
             ) from e
         splits: dict[str, list[Batches]] = {"train": [], "val": []}
         for name, ds in dd.items():

@@ -17,13 +17,17 @@ import logging
 import os
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from omegaconf import DictConfig
 
-from slm.errors import ConfigError, first_line, one_line
+from slm import files
+from slm.checkpoint import not_written
+from slm.errors import CheckpointError, ConfigError, first_line, one_line
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,7 @@ class FSDP(ModelParallelStrategy):
             **kwargs,
         )
         self.reshard_after_forward = reshard_after_forward
+        self.sharded_checkpoint = sharded_checkpoint
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
@@ -141,11 +146,60 @@ class FSDP(ModelParallelStrategy):
         warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A sharded checkpoint folder, written whole or not at all: every rank writes its
+        shards (torch.distributed.checkpoint) and rank 0 the rest (``meta.pt``) into a new
+        folder beside ``filepath`` (``slm.files.NewDir``), which replaces ``filepath`` once
+        every rank has written. Where any rank fails (a full disk), the folder that was there
+        stays as it was and every rank stops with one line (``checkpoint.not_written``). A
+        full checkpoint (one file, rank 0) goes through ``WholeCheckpointIO``."""
+        if not self.sharded_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        new = files.NewDir(path) if self.global_rank == 0 else None
+        tmp = self.broadcast(str(new.tmp) if new is not None else "")  # rank 0's, for all
+        error: BaseException | None = None
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is one
+            error = e
+        written = self.reduce_boolean_decision(error is None, all=True)
+        if new is not None:
+            try:
+                new.close(publish=written)
+            except OSError as e:  # the swap itself failed: the old folder is back
+                error, written = e, False
+        if not self.reduce_boolean_decision(written, all=True):  # every rank learns of it
+            if error is not None:
+                raise not_written(path, error) from error
+            raise CheckpointError(
+                f"{path}: another rank could not write its part of the checkpoint (see its "
+                "error); nothing of it is left"
+            )
+
     def shard(self, model: nn.Module) -> None:
         """Shard ``model`` (a ``GPT``) in place over every rank (``shard_gpt``), in bf16 under
         ``bf16-mixed``."""
         bf16 = getattr(self.precision_plugin, "precision", None) == "bf16-mixed"
         shard_gpt(model, self.device_mesh["data_parallel"], bf16, self.reshard_after_forward)
+
+
+class WholeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files (``best-stepN.ckpt``, ``last.ckpt``), each written whole
+    or not at all: under a temporary name beside it, then renamed (``slm.files``). Lightning's
+    own writer could leave a truncated file on a full disk, which the next read called "not a
+    PyTorch checkpoint, or truncated". A write that fails is one line that names the file and
+    why (``no space left on device``: ``checkpoint.not_written``)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        try:
+            files.save_torch(path, checkpoint)
+        except OSError as e:
+            raise not_written(path, e) from e
 
 
 def shard_gpt(model: nn.Module, mesh, bf16: bool = False, reshard_after_forward: bool = True):

@@ -26,6 +26,7 @@ from slm.errors import one_line
 # modules that import torch (Lightning's rank, slm.stories) are imported where they are used.
 FIELDS = ["job", "overrides", "best_val_loss", "status", "error", "dir"]
 log = logging.getLogger(__name__)
+_failed: list[int] = []  # the failed jobs of the sweep that ended last in this process
 
 
 class FailedJob(float):
@@ -87,8 +88,16 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         path = Path(config.hydra.sweep.dir) / "sweep.csv"
         failed = failed_jobs(path)
+        _failed[:] = failed
         if failed:
             log.warning("%d job(s) failed (%s): see %s", len(failed), failed, path)
+
+
+def exit_status() -> int:
+    """``train.py``'s exit status once Hydra is done: 1 where the ``-m`` sweep that ended in
+    this process had a failed job (after all its jobs ran), so that scripts and CI see it;
+    else 0. Not raised from ``on_multirun_end``: the other callbacks' ends still run."""
+    return 1 if _failed else 0
 
 
 def append_row(path: Path, row: dict) -> None:

@@ -36,7 +36,13 @@ from slm.callbacks import (
     ValidateAtEnd,
 )
 from slm.checkpoint import load_tokenizer
-from slm.config import command_line, model_overrides, resolve_hardware, validate
+from slm.config import (
+    check_added_keys,
+    command_line,
+    model_overrides,
+    resolve_hardware,
+    validate,
+)
 from slm.data import TokenDataModule
 from slm.errors import ConfigError, SlmError, fail, one_line
 from slm.model import GPT
@@ -45,8 +51,9 @@ from slm.outputs import deferred_signals, run_status, story_suite, write_outputs
 from slm.precision import trainer_precision
 from slm.prepare import prepare, read_tokenizer
 from slm.resume import apply_init_from, check_resume, resolve_ckpt_path
-from slm.rundir import run_dir_lock
+from slm.rundir import remove_unused, run_dir_lock
 from slm.strategy import (
+    WholeCheckpointIO,
     agree_on_start,
     is_sharded,
     launched_outside,
@@ -153,6 +160,7 @@ def main(cfg: DictConfig) -> float:
         return train(cfg)
     except (SlmError, FloatingPointError) as e:
         if not in_multirun() or isinstance(e, SweepError):
+            remove_unused()  # a run dir that holds nothing of the run (sweep jobs keep theirs)
             fail(e, log)
         log.error("error: %s", one_line(e))
         return FailedJob(one_line(e))
@@ -178,6 +186,7 @@ def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | Non
     it says ``auto``), ``init_from``, the data (prepared if missing), the checkpoint to
     resume. Returns the ``init_from`` model (or None), the data's tokenizer, the run dir and
     the checkpoint path (or None)."""
+    check_added_keys(cfg)  # train.py's +key=value that nothing would read
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
@@ -294,6 +303,7 @@ def _fit(
         callbacks.append(StepProgressBar(refresh_rate=every))
     trainer_args.update(trainer_precision(trainer_args.pop("precision"), cfg.trainer.accelerator))
     trainer_args["strategy"] = trainer_strategy(cfg)
+    trainer_args["plugins"] = [*trainer_args.get("plugins", []), WholeCheckpointIO()]
     trainer = L.Trainer(
         **trainer_args,
         logger=loggers or False,
@@ -312,9 +322,15 @@ def _fit(
         # Sharded, the weights are gathered from every rank; rank 0 writes the files.
         if trainer.is_global_zero or is_sharded(module.model):
             with deferred_signals():  # a Ctrl-C now must not leave slm.pt without metrics
-                write_outputs(
-                    run_dir, module, best, history, trainer, error, n, agreed_stop=stop.stopped
-                )
+                try:
+                    write_outputs(
+                        run_dir, module, best, history, trainer, error, n, agreed_stop=stop.stopped
+                    )
+                except OSError as e:  # a full disk: said on one line, after the run's own error
+                    why = f"{e.filename}: {(e.strerror or str(e)).lower()}"
+                    if error is None:
+                        raise SlmError(f"{why}, so the run's outputs were not written") from e
+                    log.error("%s, so the run's outputs were not written either", why)
     if cfg.stories and trainer.is_global_zero:
         story_suite(cfg, run_dir, datamodule.dir / "val.bin", trainer, tok)
     score = best.best_model_score

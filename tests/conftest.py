@@ -7,6 +7,8 @@ a monkeypatched loader.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import importlib.util
 import json
@@ -217,6 +219,59 @@ def snapshot(out: Path) -> dict[str, tuple[int, int]]:
         for p in sorted(out.iterdir())
         if p.name != LOCK
     }
+
+
+# -- a disk that fills up ----------------------------------------------------------------------
+
+
+class _Filling:
+    """A file on a disk that fills up: a write stores half of what it is given, then fails
+    with ENOSPC, as a write to a full disk does."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        part = memoryview(data.encode() if isinstance(data, str) else data).cast("B")
+        self._f.write(part[: len(part) // 2])
+        self._f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@contextlib.contextmanager
+def full_disk(under: Path, after: int = 0):
+    """The disk under ``under`` full once ``after`` files have been written there: every file
+    opened for writing there after that takes half of what is written to it, then fails with
+    ``OSError(ENOSPC)``. Through Python's ``open`` (pathlib, slm.files,
+    torch.distributed.checkpoint's writer), not ``torch.save`` into a path (C++)."""
+    import builtins
+    import io
+
+    real, opened, under = io.open, [], Path(under).resolve()
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        path = Path(os.fsdecode(file)).resolve() if isinstance(file, (str, os.PathLike)) else None
+        if path is not None and any(c in mode for c in "wax+") and path.is_relative_to(under):
+            opened.append(path)
+            if len(opened) > after:
+                return _Filling(f)
+        return f
+
+    builtins.open = io.open = open_
+    try:
+        yield opened
+    finally:
+        builtins.open = io.open = real
 
 
 # -- the training config with overrides -------------------------------------------------------

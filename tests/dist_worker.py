@@ -5,12 +5,13 @@ run: what makes many 2-rank runs affordable in CI), each through ``slm.train.tra
     python -m torch.distributed.run ... tests/dist_worker.py PLAN.json OUT_DIR
 
 A run is ``{"name", "overrides", "rank_overrides": {rank: [...]}, "stop_at": step,
-"static_decode": bool, "record_dtypes": bool}``; ``stop_at`` stops it as a Ctrl-C would (after
-that optimizer step, with ``last.ckpt``), ``static_decode`` emulates CUDA's generation path
-(``GPT.decode`` with a static cache), ``record_dtypes`` records the dtype of the weights a
-Block computes with. After the runs, ``checks`` compare sharded and unsharded Muon steps and
-optimizer groups on this process group. Each rank writes ``OUT_DIR/rank<r>.json``: per run
-``{"error": one line or null, "seconds", ...}``.
+"static_decode": bool, "record_dtypes": bool, "full_disk": bool}``; ``stop_at`` stops it as a
+Ctrl-C would (after that optimizer step, with ``last.ckpt``), ``static_decode`` emulates CUDA's
+generation path (``GPT.decode`` with a static cache), ``record_dtypes`` records the dtype of the
+weights a Block computes with, ``full_disk`` fills the disk of its checkpoints (conftest).
+After the runs, ``checks`` compare sharded and unsharded Muon steps and optimizer groups on
+this process group. Each rank writes ``OUT_DIR/rank<r>.json``: per run ``{"error": one line or
+null, "seconds", ...}``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conftest import full_disk  # noqa: E402 (tests/, this script's folder, is on the path)
 
 from slm import callbacks, decode, strategy  # noqa: E402
 from slm.checkpoint import read  # noqa: E402
@@ -83,6 +86,8 @@ def run(spec: dict, rank: int) -> dict:
             stack.enter_context(patched(decode, "static_shapes", lambda device: True))
         if spec.get("record_dtypes"):
             stack.enter_context(record_dtypes(seen))
+        if spec.get("full_disk"):
+            stack.enter_context(full_disk(Path(run_dir) / "checkpoints"))
         try:
             result["best"] = train(compose("train", overrides))
         except (Exception, KeyboardInterrupt, SystemExit) as e:  # Ctrl-C: Lightning exits

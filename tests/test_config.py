@@ -109,13 +109,89 @@ def test_unknown_group_option(group):
 
 @pytest.mark.parametrize("name", ["train", "evaluate", "serve"])
 def test_unknown_key_is_one_line(name):
-    """What python -m slm.evaluate bogus=1 meets (before: Hydra's traceback)."""
+    """What python -m slm.evaluate bogus=1 meets (before: Hydra's traceback). Not Hydra's hint
+    (+bogus=1), which adds a key that nothing reads: the closest key, where one is close."""
     with pytest.raises(ConfigError) as e:
         compose(name, ["bogus=1"])
     assert str(e.value) == (
-        f"Could not override 'bogus': conf/{name}.yaml has no such key; check its spelling; "
-        "to append to your config use +bogus=1"
+        f"Could not override 'bogus': conf/{name}.yaml has no such key; check its spelling"
     )
+    with pytest.raises(ConfigError) as e:
+        compose("generate", ["max_tokens=10"])
+    assert str(e.value) == (
+        "Could not override 'max_tokens': conf/generate.yaml has no such key; did you mean "
+        "max_new_tokens=10?"
+    )
+
+
+@pytest.mark.parametrize(
+    "name, override, fix",
+    [
+        ("generate", "+max_tokens=10", "did you mean max_new_tokens=10?"),
+        ("train", "+max_stepz=5", "did you mean trainer.max_steps=5?"),
+        ("train", "++max_stepz=5", "did you mean trainer.max_steps=5?"),
+        ("train", "+model.n_layers=2", "did you mean model.n_layer=2?"),
+        ("train", "+model.nope=2", "did you mean model.norm=2?"),  # not a GPTConfig field
+        ("train", "+bogus=1", "check its spelling"),
+        ("evaluate", "+optim.lrr=1e-3", "did you mean optim.lr=1e-3?"),
+        ("serve", "+limits.max_tokenz=4", "did you mean limits.max_tokens=4?"),
+        ("export", "+outt=x", "did you mean out=x?"),
+        ("generate", "+trainer.devices=1", "did you mean device=1?"),  # generate has no trainer
+    ],
+)
+def test_a_key_that_nothing_reads_is_refused_in_one_line(name, override, fix):
+    """``+key=value`` (Hydra's own hint for a key the config lacks) was taken and ignored:
+    ``generate.py +max_tokens=10`` wrote 200 tokens, ``train.py +max_stepz=5`` trained 5,000
+    steps. Every command composes through here (train.py and generate.py: the slow test below)."""
+    with pytest.raises(ConfigError) as e:
+        compose(name, ["hardware=cpu", override] if name == "train" else [override])
+    key = override.lstrip("+").partition("=")[0]
+    assert str(e.value) == (
+        f"{override} adds a key that nothing reads: conf/{name}.yaml has no {key}; {fix}"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+trainer.enable_progress_bar=false"],  # a lightning.Trainer argument: train checks it
+        ["++seed=7", "++trainer.max_steps=3"],  # ++ on a key the config has: an override
+        ["+model.vocab_size=512"],  # a GPTConfig field: checked against the data
+        ["+hydra.job.env_set.X=1", "model=tiny"],
+    ],
+)
+def test_the_keys_meant_to_be_added_stay(overrides):
+    cfg = compose("train", overrides)
+    assert cfg.seed == (7 if "++seed=7" in overrides else 1337)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command, fix",
+    [
+        (["generate.py", "ckpt=x", "+max_tokens=10"], "max_new_tokens=10"),
+        (["train.py", "+max_stepz=5"], "trainer.max_steps=5"),
+    ],
+)
+def test_the_hydra_apps_refuse_a_key_that_nothing_reads(command, fix, tmp_path):
+    """The root scripts (@hydra.main) check their own command line; train.py leaves no run
+    dir behind."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(repo / command[0]), *command[1:]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    added, key = command[-1], command[-1][1:].partition("=")[0]
+    name = Path(command[0]).stem
+    assert len(lines) == 1 and lines[0].endswith(
+        f"error: {added} adds a key that nothing reads: conf/{name}.yaml has no {key}; "
+        f"did you mean {fix}?"
+    ), lines
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_fp16_on_cpu_is_rejected():

@@ -178,3 +178,53 @@ def test_a_data_dir_of_another_tokenizer_is_a_one_line_error(bpe_run, setup):
         evaluate(model, bpe_run[1], tokenizer=tokenizer.gpt2())  # a gpt2 model, a bpe dir
     result = main([f"ckpt={pt}", f"data.dir={bpe_run[1]}", "device=cpu"])  # its own
     assert result["tokens"] > 0
+
+
+# -- the data dir a run recorded -------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """No network (the hub's loader fails as offline) and a working dir without data/."""
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub (Offline)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_a_run_s_checkpoint_is_scored_on_the_data_dir_its_run_recorded(
+    bpe_run, offline_hub, tmp_path, capsys
+):
+    """``ckpt=RUN/slm.pt`` without data.dir went to the hub for the default data/tinystories
+    (offline: an error). Now the run's own data dir, from its .ckpt (the DataModule's state),
+    the checkpoints beside an slm.pt, or its .hydra/config.yaml; stderr says which."""
+    run, data = bpe_run
+    # A run dir as train.py leaves it (.hydra/, data.dir relative to where it ran), no .ckpt.
+    hydra_run = tmp_path / "outputs" / "run"
+    (hydra_run / ".hydra").mkdir(parents=True)
+    shutil.copy(run / "slm.pt", hydra_run / "slm.pt")
+    (hydra_run / ".hydra" / "config.yaml").write_text(f"data:\n  dir: {data.name}\n")
+    (hydra_run / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    cwd: {data.parent}\n"
+    )
+    for ckpt in (run / "slm.pt", run / "checkpoints" / "last.ckpt", hydra_run / "slm.pt"):
+        expected = main([f"ckpt={ckpt}", f"data.dir={data}", "device=cpu"])
+        assert f"data.dir={data} (as given)" in capsys.readouterr().err
+        assert main([f"ckpt={ckpt}", "device=cpu"]) == expected
+        said = f"data.dir={data} (where the run of {ckpt} trained; data.dir=DIR for another)"
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_checkpoint_that_records_no_data_dir_takes_the_default(
+    setup, offline_hub, tmp_path, capsys
+):
+    d, _, _ = setup  # a bare slm.pt: no run dir around it
+    with pytest.raises(DataError, match=r"Hugging Face hub .* data\.source=PATH"):
+        main([f"ckpt={d / 'slm.pt'}", "device=cpu"])
+    said = "data.dir=data/tinystories (the default; data.dir=DIR for another)"
+    assert said in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # the data dir that prepare made is gone again

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from conftest import full_disk
 
 from slm import files
 
@@ -72,3 +73,30 @@ def test_new_dir_replaces_the_old_one_whole_or_not_at_all(tmp_path):
     assert names(out) == ["b"] and names(tmp_path) == ["out"]
     with pytest.raises(OSError):
         files.NewDir(tmp_path / "out" / "b" / "c")  # its parent is a file
+
+
+def test_a_full_disk_is_said_of_the_file_not_its_temporary(tmp_path):
+    """torch.save into a file says only "file write failed" on a full disk: save_torch writes
+    serialized bytes, so the OSError is ENOSPC, and it names the file being written."""
+    with full_disk(tmp_path), pytest.raises(OSError) as e:
+        files.save_torch(tmp_path / "last.ckpt", {"w": torch.ones(1000)})
+    assert (e.value.errno, e.value.filename) == (28, str(tmp_path / "last.ckpt"))
+    assert names(tmp_path) == []  # no partial file, no temporary
+
+
+def test_dirs_made_by_a_failed_step_are_removed_again(tmp_path):
+    out = tmp_path / "data" / "tinystories"
+    with pytest.raises(RuntimeError), files.removed_on_error(out, leftovers=[".lock"]):
+        out.mkdir(parents=True)
+        (out / ".lock").touch()
+        raise RuntimeError("offline")
+    assert names(tmp_path) == []
+    with pytest.raises(RuntimeError), files.removed_on_error(out, leftovers=[".lock"]):
+        (out / "train.bin").parent.mkdir(parents=True)
+        (out / "train.bin").touch()  # something of the step's own: it stays
+        raise RuntimeError("offline")
+    assert names(out) == ["train.bin"]
+    with pytest.raises(RuntimeError), files.removed_on_error(tmp_path / "data" / "x"):
+        (tmp_path / "data" / "x").mkdir()
+        raise RuntimeError("offline")
+    assert names(tmp_path / "data") == ["tinystories"]  # made before: stays

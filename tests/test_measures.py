@@ -43,3 +43,16 @@ def test_names_and_nouns_and_carryover_by_hand():
     assert ms.names_and_nouns("There was a clumsy rabbit.") == ["rabbit"]
     assert ms.names_and_nouns("The puppy jumped on a bed.") == ["puppy", "bed"]
     assert ms.carryover("Tom saw the puppies.", "Tom had a puppy.")[0] == 1.0
+
+
+def test_a_possessive_carries_its_name_and_noun():
+    """A possessive is its owner: "Lily's" (or "Lily’s") in a completion carries Lily (it was
+    counted as dropping her), and in an opening names her (as "the dog's" names the dog);
+    "let's" stays no name."""
+    opening = "Lily had a dog named Max."
+    completion = "Lily's dog ran to Max’s bed."
+    assert ms.carryover(opening, completion) == (1.0, ["Lily", "dog", "Max"], [])
+    assert ms.carryover(opening, "The dog's ball was red.")[1] == ["dog"]
+    assert ms.names_and_nouns("Lily's mom saw the dog's ball.") == ["Lily", "dog"]
+    assert ms.carryover("Lily’s mom smiled.", "lily smiled.") == (1.0, ["Lily"], [])
+    assert ms.names_and_nouns("Let's go! It's Tom's cat.") == ["Tom"]

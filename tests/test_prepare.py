@@ -332,7 +332,10 @@ def test_stale_temporary_files_are_removed(small_txt, tmp_path):
 
 
 def leftovers(out: Path) -> list[str]:
-    """The files a prepare left in ``out``, but for the lock file, which stays."""
+    """The files a prepare left in ``out``, but for the lock file, which stays (none where
+    ``out`` is gone: a failed prepare removes the dir it made)."""
+    if not out.exists():
+        return []
     return sorted(p.name for p in out.iterdir() if p.name != LOCK)
 
 
@@ -409,6 +412,34 @@ def test_failed_overwrite_leaves_no_trusted_bins(small_txt, tmp_path, monkeypatc
 
     prepare(str(other), out, overwrite=True)
     assert_bins(out, *expected_bins(make_stories(100, seed=3), 0.01))
+
+
+def test_offline_the_hub_error_names_data_source_and_leaves_no_dir(monkeypatch, tmp_path):
+    """The quick start offline: the error named no key ("give a local path"), and the data dir
+    it had made (with its parents) stayed behind, holding only the lock. A data dir that was
+    there before stays."""
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub (Offline)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    out = tmp_path / "data" / "tinystories-20k-bpe4k"
+    with pytest.raises(DataError) as e:
+        prepare(data_dir=out, max_stories=20000)
+    assert_one_line(e)
+    assert str(e.value).startswith(
+        "data.source roneneldan/TinyStories: could not load it from the Hugging Face hub "
+    )
+    assert str(e.value).endswith(
+        "or prepare from local files with data.source=PATH (README: Offline)"
+    )
+    assert list(tmp_path.iterdir()) == []
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    with pytest.raises(DataError, match="data.source=PATH"):
+        prepare(data_dir=mine / "notes")
+    assert (mine / "notes").is_dir()
 
 
 def test_bad_structured_source_does_not_touch_existing_data(small_txt, tmp_path):

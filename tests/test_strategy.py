@@ -85,7 +85,8 @@ def cluster(data, one_process):
     out = data / "cluster"
     out.mkdir()
     run = {name: out / name for name in ("ddp", "fsdp", "sharded", "full", "muon_ddp",
-                                         "muon_fsdp", "bf16", "compiled", "empty")}  # fmt: skip
+                                         "muon_fsdp", "bf16", "compiled", "empty",
+                                         "sharded_full_disk")}  # fmt: skip
     base = [*COMMON, *TWO_NODES, f"data.dir={data / 'data'}"]
     fsdp, full = [*base, "strategy=fsdp"], [*base, "strategy=fsdp", "strategy.checkpoint=full"]
 
@@ -107,6 +108,7 @@ def cluster(data, one_process):
         job("muon_fsdp", [*fsdp, *SHORT, "optim=muon"]),
         job("bf16", [*fsdp, *SHORT, "trainer.precision=bf16-mixed"], record_dtypes=True),
         job("compiled", [*fsdp, *SHORT, "compile=true"]),  # as on CUDA (hardware=auto)
+        job("sharded_full_disk", [*fsdp, *SHORT], full_disk=True),  # last: it fails
     ]}  # fmt: skip
     (out / "plan.json").write_text(json.dumps(plan))
     port = free_port()
@@ -228,6 +230,21 @@ def test_fsdp_resume_is_exact(cluster, kind):
     a, b = weights(run["fsdp"]), weights(run[kind])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((run[kind] / "metrics.json").read_text())["steps"] == STEPS
+
+
+@pytest.mark.slow
+def test_a_full_disk_leaves_no_partial_sharded_checkpoint(cluster):
+    """The shards of a sharded checkpoint go into a new folder that replaces the old one once
+    every rank has written: on a full disk every rank stops with one line that says so, and no
+    folder (nor its temporary) is left."""
+    ranks, run, _ = cluster
+    ckpts = run["sharded_full_disk"] / "checkpoints"
+    for r in ranks:
+        assert r["sharded_full_disk"]["error"] == (
+            f"CheckpointError: {ckpts / 'best-step2.ckpt'}: no space left on device, so the "
+            "checkpoint was not written (nothing of it is left); free space on that disk"
+        )
+    assert list(ckpts.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def test_multirun_summary_with_good_invalid_and_diverging_jobs(tmp_path):
     out = subprocess.run(
         [sys.executable, "train.py", "-m", *args], cwd=ROOT, capture_output=True, text=True
     )
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 1, out.stderr[-2000:]  # after every job ran: scripts see it
     assert "Traceback" not in out.stdout + out.stderr
     rows = list(csv.DictReader((sweep / "sweep.csv").open()))
     assert [(r["job"], r["status"]) for r in rows] == [
@@ -107,8 +107,9 @@ def test_only_rank_0_of_a_job_writes_its_row(tmp_path, monkeypatch):
 
 def test_failures_are_counted_from_sweep_csv(tmp_path, caplog):
     """Under joblib or submitit the jobs end in other processes: the launching process's
-    callback, which saw none of them, still counts the failed ones at the end."""
-    from slm.sweep import FailedJob, SweepSummary
+    callback, which saw none of them, still counts the failed ones at the end, and train.py
+    exits with 1 (it exited with 0: scripts and CI saw no failure)."""
+    from slm.sweep import FailedJob, SweepSummary, exit_status
 
     job_end(tmp_path, 0, FailedJob("optim.lr=-1 must be positive"))
     job_end(tmp_path, 1, 2.0)
@@ -117,6 +118,12 @@ def test_failures_are_counted_from_sweep_csv(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="slm.sweep"):
         SweepSummary().on_multirun_end(cfg)
     assert f"2 job(s) failed ([0, 2]): see {tmp_path / 'sweep.csv'}" in caplog.text
+    assert exit_status() == 1
+    job_end(tmp_path / "ok", 0, 2.0)
+    SweepSummary().on_multirun_end(
+        OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "ok")}}})
+    )
+    assert exit_status() == 0
 
 
 def _race(sweep: str, job: int, barrier) -> None:

@@ -13,10 +13,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_ARGS, generate_cli, tiny_cfg
+from conftest import TINY_ARGS, full_disk, generate_cli, tiny_cfg
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from slm.config import ConfigError, compose
+from slm.errors import CheckpointError
 from slm.model import GPT, GPTConfig
 from slm.module import GPTModule
 from slm.prepare import DataError, prepare
@@ -238,6 +239,31 @@ def test_failure_before_first_step_writes_no_weights(small_dir, tmp_path, monkey
     assert f"wrote {run}/metrics.json: " in caplog.text and "slm.pt" not in caplog.text
 
 
+def test_a_full_disk_stops_the_run_on_one_line_and_leaves_no_partial_checkpoint(
+    small_dir, tmp_path
+):
+    """The disk fills after step 2's checkpoints: the run stopped with "best-step4.ckpt: not a
+    PyTorch checkpoint, or truncated" (slm.pt read the truncated file it had left). Now it says
+    why, and names the file; nothing partial is left, step 2's checkpoints are whole."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    cfg = tiny_cfg(small_dir[0], run, "trainer.max_steps=6", "val_every_n_steps=2")
+    with full_disk(ckpts, after=2) as written, pytest.raises(CheckpointError) as e:
+        train(cfg)
+    assert len(written) == 3  # best-step2, last at step 2, then the one that failed
+    msg = str(e.value)
+    failed = re.match(rf"{re.escape(str(ckpts))}/(best-step4|last)\.ckpt: (.*)", msg)
+    assert failed and "\n" not in msg, msg
+    assert failed[2] == (
+        "no space left on device, so the checkpoint was not written (nothing of it is left); "
+        f"free space on that disk; then resume with ckpt_path={ckpts / 'last.ckpt'}"
+    )
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best-step2.ckpt", "last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "no space left on device" in metrics["error"]
+
+
 def test_block_size_larger_than_split(small_dir, tmp_path):
     data, src = small_dir
     n_val = json.loads((data / "meta.json").read_text())["splits"]["val"]["tokens"]
@@ -323,7 +349,26 @@ def test_cli_errors_are_one_line(tmp_path, override, message):
     assert out.returncode == 1
     lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1 and f"error: {message}" in lines[0], lines
-    assert message in (tmp_path / "run" / "train.log").read_text()  # in the run's log too
+    assert not (tmp_path / "run").exists()  # stopped at its start: no run dir left behind
+
+
+@pytest.mark.slow
+def test_the_quick_start_offline_names_data_source_and_leaves_no_dirs(tmp_path):
+    """Offline, experiment=quickstart stops at the hub: its error said "give a local path"
+    and it left outputs/DATE/TIME (Hydra's files, the log, the lock) and an empty data dir."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "experiment=quickstart"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 1
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and "could not load it from the Hugging Face hub" in lines[0], lines
+    assert "prepare from local files with data.source=PATH" in lines[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_short_runs_warm_up_without_an_error():
