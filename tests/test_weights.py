@@ -163,3 +163,23 @@ def test_packed_weights_are_no_checkpoint(packed, story_model, tmp_path):
         assert "\n" not in str(e.value)
     save_slm_pt(tmp_path / "fp32.pt", story_model.config, story_model.state_dict(), 1)
     assert load_model(tmp_path / "fp32.pt").config == story_model.config
+
+
+def test_evaluate_scores_a_format_beside_fp32(story_model, tmp_path, capsys):
+    """``python -m slm.evaluate weights=int8``: the int8 model's loss and bits per byte, and
+    fp32's on the same text beside them."""
+    from conftest import write_txt
+
+    from slm.evaluate import main
+
+    stories = TOK.decode(template_stories(60)).split("<|endoftext|>")
+    txt = write_txt(tmp_path / "stories.txt", [s.strip() for s in stories if s.strip()])
+    save_slm_pt(tmp_path / "slm.pt", story_model.config, story_model.state_dict(), 1, TOK)
+    ckpt = tmp_path / "slm.pt"
+    fp32 = main([f"ckpt={ckpt}", f"text={txt}", "device=cpu"])
+    int8 = main([f"ckpt={ckpt}", f"text={txt}", "device=cpu", "weights=int8"])
+    assert "weights" not in fp32 and int8["weights"] == "int8"
+    assert int8["fp32"] == {k: fp32[k] for k in ("val_loss", "val_ppl", "val_bpb")}
+    assert int8["val_bpb"] != fp32["val_bpb"]  # it did score the int8 weights
+    assert int8["bpb_change"] == pytest.approx(int8["val_bpb"] / fp32["val_bpb"] - 1)
+    assert abs(int8["bpb_change"]) < 0.01
