@@ -29,6 +29,7 @@ not a multiple of 32 values is stored as f16.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -42,12 +43,13 @@ TYPES = ("f32", "f16", "q8_0")
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's regex: both slm tokenizers split by it
 
 
-def require_gguf():
+def require_gguf() -> ModuleType:
     """The ``gguf`` package (the ``gguf`` extra), or a one-line error saying how to install."""
     return hf.require("gguf", extra="gguf")
 
 
 def check_type(gguf_type: str) -> str:
+    """``gguf_type`` itself, or a one-line ``ConfigError`` naming the choices."""
     if gguf_type not in TYPES:
         raise ConfigError(f"gguf_type={gguf_type} is not one of {', '.join(TYPES)}")
     return gguf_type

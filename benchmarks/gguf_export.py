@@ -1,7 +1,7 @@
 """slm's models in llama.cpp: GGUF exports (``python -m slm.export format=gguf``) run by the
 real llama.cpp (llama-cpp-python, one thread), against slm itself (fp32 on the CPU).
 
-    python benchmarks/gguf.py --data DIR --ckpt RUN/slm.pt [--ckpt RUN2/slm.pt ...]
+    python benchmarks/gguf_export.py --data DIR --ckpt RUN/slm.pt [--ckpt RUN2/slm.pt ...]
 
 For each checkpoint, exported as f32, f16 and q8_0:
 
