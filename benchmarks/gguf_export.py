@@ -7,15 +7,17 @@ For each checkpoint, exported as f32, f16 and q8_0:
 
 1. tokenization: llama.cpp's ids (special tokens not parsed, as slm reads every text) against
    slm's for the whole of each shared TinyStories piece (``--text``);
-2. greedy: ``--tokens`` new tokens from ``<|endoftext|>`` + ``--prompt`` by llama.cpp (the f32
-   file, the argmax of each step's logits fed back) and by ``slm.sample.generate``
-   (temperature 0, not stopping at ``<|endoftext|>``): how many agree, and the first that
-   does not;
+2. greedy: ``--tokens`` new tokens from ``<|endoftext|>`` + ``--prompt`` by llama.cpp (each
+   file with llama.cpp's default float16 KV cache, and the f32 file with a float32 one; the
+   argmax of each step's logits fed back) and by ``slm.sample.generate`` (temperature 0, not
+   stopping at ``<|endoftext|>``): how many agree, the first that does not, and how far apart
+   slm's top two logits were there;
 3. held-out text: ``--windows`` windows of ``block_size`` tokens evenly spaced over
    ``DIR/val.bin`` (the data dir the model was trained on), each scored from position 0: the
    largest |logit difference| to slm's and the share of positions with the same top token
-   (f32), and the loss (nats/token) of slm and of each file. For GPT-2, also the largest
-   difference to slm with llama.cpp's tanh GELU in place of its exact one.
+   (f32), and the loss (nats/token) of slm and of each file, all with llama.cpp's default
+   float16 KV cache; then the f32 file's largest difference with a float32 KV cache, and for
+   GPT-2 also to slm with llama.cpp's tanh GELU in place of its exact one.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "tinystories"
 PIECES = ("TinyStories-train.head-2MiB.txt", "TinyStoriesV2-GPT4-train.head-10000-lines.txt")
 TYPES = ("f32", "f16", "q8_0")
+F32_CACHE = dict(type_k=0, type_v=0)  # a float32 KV cache (ggml type 0), not llama.cpp's f16
 
 
 def llama_logits(llm, ids: list[int]) -> torch.Tensor:
@@ -88,12 +91,21 @@ def measure(ckpt: Path, data: Path, args, llama_cpp, tmp: Path) -> dict:
     n = min(args.tokens, c.block_size - len(prompt))
     with torch.no_grad():
         ours = generate(model, prompt, n, temperature=0, stop_token=None)[0]
-    llm = llama("f32", n_ctx=c.block_size, logits_all=True)
-    theirs = llama_greedy(llm, prompt, n)
-    diverge = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-    row["greedy"] = f"{sum(a == b for a, b in zip(ours, theirs))} of {n} equal"
-    row["greedy_first_difference"] = diverge
+    for kind, cache in [("f32", {}), ("f32", F32_CACHE), ("f16", {}), ("q8_0", {})]:
+        llm = llama(kind, n_ctx=c.block_size, logits_all=True, **cache)
+        theirs = llama_greedy(llm, prompt, n)
+        llm.close()
+        name = f"greedy_{kind}" + ("_kv_f32" if cache else "")
+        diverge = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        row[name] = f"{sum(a == b for a, b in zip(ours, theirs))} of {n} equal"
+        row[f"{name}_first_difference"] = diverge
+        if diverge is not None:  # how close slm's top two were there
+            with torch.no_grad():
+                top = model(torch.tensor([prompt + ours]))[0][0, len(prompt) + diverge - 1]
+            first, second = top.topk(2).values.tolist()
+            row[f"{name}_slm_top2_gap_there"] = first - second
     row["greedy_text"] = tok.decode(ours[:60])
+    llm = llama("f32", n_ctx=c.block_size, logits_all=True)
 
     # 3. held-out windows
     val = np.memmap(data / "val.bin", dtype=np.uint16, mode="r")
@@ -104,25 +116,32 @@ def measure(ckpt: Path, data: Path, args, llama_cpp, tmp: Path) -> dict:
         slm_logits = [model(w[None, :-1])[0][0] for w in windows]
     targets = torch.cat([w[1:] for w in windows])
     row["loss_slm"] = F.cross_entropy(torch.cat(slm_logits), targets).item()
-    for kind in TYPES:
+
+    def max_difference(logits, ref) -> float:
+        return max((a - b).abs().max().item() for a, b in zip(logits, ref))
+
+    for kind in TYPES:  # llama.cpp's defaults: a float16 KV cache
         if kind != "f32":
             llm.close()
             llm = llama(kind, n_ctx=T, logits_all=True)
         logits = [llama_logits(llm, w[:-1].tolist()) for w in windows]
         row[f"loss_{kind}"] = F.cross_entropy(torch.cat(logits), targets).item()
         if kind == "f32":
-            diff = max((a - b).abs().max().item() for a, b in zip(logits, slm_logits))
             top = torch.cat([a.argmax(-1) == b.argmax(-1) for a, b in zip(logits, slm_logits)])
-            row["max_logit_difference_f32"] = diff
             row["top1_agreement_f32"] = top.float().mean().item()
-            if row["arch"] == "gpt2":  # slm with llama.cpp's tanh GELU: is that the difference?
-                tanh = load_model(ckpt)
-                for block in tanh.transformer.h:
-                    block.mlp.gelu = torch.nn.GELU(approximate="tanh")
-                with torch.no_grad():
-                    ref = [tanh(w[None, :-1])[0][0] for w in windows]
-                diff = max((a - b).abs().max().item() for a, b in zip(logits, ref))
-                row["max_logit_difference_f32_vs_slm_with_tanh_gelu"] = diff
+            row["max_logit_difference_f32"] = max_difference(logits, slm_logits)
+    llm.close()
+    # The f32 file with a float32 KV cache: what is left is the computation's.
+    llm = llama("f32", n_ctx=T, logits_all=True, **F32_CACHE)
+    logits = [llama_logits(llm, w[:-1].tolist()) for w in windows]
+    row["max_logit_difference_f32_kv_f32"] = max_difference(logits, slm_logits)
+    if row["arch"] == "gpt2":  # slm with llama.cpp's tanh GELU: is that the difference?
+        tanh = load_model(ckpt)
+        for block in tanh.transformer.h:
+            block.mlp.gelu = torch.nn.GELU(approximate="tanh")
+        with torch.no_grad():
+            ref = [tanh(w[None, :-1])[0][0] for w in windows]
+        row["max_logit_difference_f32_kv_f32_vs_slm_tanh_gelu"] = max_difference(logits, ref)
     llm.close()
     for kind in ("f16", "q8_0"):
         row[f"{kind}_vs_f32"] = f"{(row[f'loss_{kind}'] / row['loss_f32'] - 1) * 100:+.3f}%"

@@ -11,7 +11,7 @@ tensors are the family's ``transformers`` tensors (``hf.to_hf``) under llama.cpp
 rows are interleaved per head (``interleave_heads``) to compute the same attention. GPT-2's
 zero biases where slm has none come with ``to_hf``; a tied ``lm_head`` is left out (llama.cpp
 then reads the token embedding). GPT-2 in llama.cpp uses the tanh approximation of GELU, slm
-the exact one: its logits differ slightly (``benchmarks/README.md``: gguf).
+the exact one: its logits differ slightly (``benchmarks/README.md``: gguf_export).
 
 The tokenizer is GPT-2's kind for both of slm's (``tokenizer.ggml.model=gpt2``): the tokens
 as byte-level text in id order, the merges in rank order (``tokenizer.byte_level_text``: the

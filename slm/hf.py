@@ -96,8 +96,7 @@ def hf_config(c: GPTConfig, family: str) -> dict:
             # n_ctx: GPT2Config's old name for n_positions; transformers no longer reads it,
             # llama.cpp's convert_hf_to_gguf.py needs it (KeyError: 'n_ctx' without it).
             **common, n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head, n_inner=None, layer_norm_epsilon=EPS,
+            n_layer=c.n_layer, n_head=c.n_head, n_inner=None, layer_norm_epsilon=EPS,
             activation_function="gelu",  # exact (erf) GELU; GPT-2's default is the tanh one
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
         )  # fmt: skip
