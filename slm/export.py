@@ -1,13 +1,17 @@
-"""``python -m slm.export``: a trained model as a Hugging Face ``transformers`` directory.
+"""``python -m slm.export``: a trained model as a Hugging Face ``transformers`` directory, or
+as one GGUF file for llama.cpp, Ollama and LM Studio.
 
     python -m slm.export ckpt=outputs/DATE/TIME/slm.pt out=my-model   # or a Lightning .ckpt
+    python -m slm.export ckpt=... format=gguf gguf_type=q8_0 out=my-model.gguf
 
-writes a directory that loads offline with ``AutoModelForCausalLM.from_pretrained(DIR)`` and
-``AutoTokenizer.from_pretrained(DIR)``: the weights (safetensors), ``config.json``,
-``generation_config.json``, the checkpoint's tokenizer and a model card (``README.md``, from
-the run's ``metrics.json`` and Hydra config). The format, both ways, is ``slm.hf``'s (which
-architectures export as which family); ``python train.py init_from=DIR`` starts training
-from such a directory. Needs the ``hf`` extra: ``pip install -e ".[hf]"``.
+``format=hf`` (the default) writes a directory that loads offline with
+``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)``: the
+weights (safetensors), ``config.json``, ``generation_config.json``, the checkpoint's tokenizer
+and a model card (``README.md``, from the run's ``metrics.json`` and Hydra config). The format,
+both ways, is ``slm.hf``'s (which architectures export as which family); ``python train.py
+init_from=DIR`` starts training from such a directory. Needs the ``hf`` extra.
+``format=gguf`` writes ``out`` as one ``.gguf`` file, ``slm.gguf``'s format (``gguf_type``:
+f32, f16, q8_0). Needs the ``gguf`` extra.
 """
 
 from __future__ import annotations
@@ -20,18 +24,30 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from slm import files, tokenizer
+from slm import files, gguf, tokenizer
 from slm.checkpoint import load_model, load_tokenizer
 from slm.errors import CheckpointError, ConfigError, SlmError, describe, run_cli
 from slm.hf import FAMILIES, hf_family, require, write_model_dir
 from slm.model import GPTConfig
 from slm.tokenizer import EOT_ID, Tokenizer
 
+FORMATS = ("hf", "gguf")
 
-def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    format: str = "hf",
+    gguf_type: str = "f32",
+) -> Path:
     """Write the model in ``ckpt`` (``slm.pt`` or Lightning ``.ckpt``) as a ``transformers``
-    directory ``out``. It is built in a temporary directory next to ``out`` and renamed at the
-    end: on any error ``out`` is left as it was. A non-empty ``out`` needs ``overwrite``."""
+    directory ``out`` (``format="hf"``) or as the GGUF file ``out`` (``format="gguf"``,
+    ``gguf_type`` f32, f16 or q8_0). Either is built under a temporary name next to ``out``
+    and renamed at the end: on any error ``out`` is left as it was. An existing ``out`` (a
+    non-empty directory, a file) needs ``overwrite``."""
+    if format not in FORMATS:
+        raise ConfigError(f"format={format} is not one of {', '.join(FORMATS)}")
     ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
     model = load_model(ckpt)  # CheckpointError: missing, foreign, truncated, inconsistent
     tok = load_tokenizer(ckpt)
@@ -42,6 +58,8 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
             f"its tokenizer, {tok.describe()} ({tok.vocab_size}, {tok.eot_id})"
         )
     family = hf_family(c)
+    if format == "gguf":
+        return _export_gguf(model, tok, out, overwrite, gguf_type)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file; pass a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -63,6 +81,23 @@ def export(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         raise SlmError(
             f"out={out}: writing failed ({describe(e)}); nothing was written to {out}, free "
             "space or choose another directory"
+        ) from e
+    return out
+
+
+def _export_gguf(model, tok: Tokenizer, out: Path, overwrite: bool, gguf_type: str) -> Path:
+    gguf.check_type(gguf_type)
+    if out.is_dir():
+        raise ConfigError(f"out={out} is a directory; format=gguf writes one file: pass FILE.gguf")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"out={out} exists; pass overwrite=true to replace it")
+    gguf.require_gguf()
+    try:
+        gguf.write(out, model, tok, gguf_type)
+    except OSError as e:  # a full disk, a read-only folder: out is as it was
+        raise SlmError(
+            f"out={out}: writing failed ({describe(e)}); nothing was written to {out}, free "
+            "space or choose another path"
         ) from e
     return out
 
@@ -180,12 +215,26 @@ def main(argv: list[str] | None = None) -> Path:
         ckpt, out = cfg.ckpt, cfg.out
     except MissingMandatoryValue as e:
         raise ConfigError(
-            f"{e.full_key} is required: ckpt=PATH (slm.pt or .ckpt) out=DIR"
+            f"{e.full_key} is required: ckpt=PATH (slm.pt or .ckpt) out=DIR (or FILE.gguf with "
+            "format=gguf)"
         ) from None
     if not isinstance(cfg.overwrite, bool):
         raise ConfigError(f"overwrite={cfg.overwrite} must be true or false")
-    path = export(str(ckpt), str(out), cfg.overwrite)
-    print(f"wrote {path}: load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
+    if cfg.format == "hf" and cfg.gguf_type is not None:
+        raise ConfigError(f"gguf_type={cfg.gguf_type} is for format=gguf; add format=gguf")
+    gguf_type = gguf.check_type(cfg.gguf_type or "f32")
+    path = export(str(ckpt), str(out), cfg.overwrite, cfg.format, gguf_type)
+    if cfg.format == "gguf":
+        size = path.stat().st_size / 1e6
+        print(
+            f"wrote {path} ({gguf_type}, {size:.1f} MB): run it with llama.cpp, "
+            f"llama-completion -m {shlex.quote(str(path))} -c 0 -p 'Once upon a time' "
+            "(README: Run with llama.cpp and Ollama)"
+        )
+    else:
+        print(f"wrote {path}: load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
     return path
 
 

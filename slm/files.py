@@ -48,6 +48,12 @@ def _replace(path: str | Path, write: Callable[[Path], Any]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def write_with(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` writes the file under a temporary name, renamed onto ``path`` once it
+    is whole: for writers that want a path of their own (a ``.gguf``)."""
+    _replace(path, write)
+
+
 def write_text(path: str | Path, text: str) -> None:
     """``text`` (UTF-8) into ``path``, atomically."""
     _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -12,6 +12,8 @@ Each architecture goes to the ``transformers`` family that computes the same fun
   before the rotation, as slm; OLMo 2 normalizes over all heads at once, another function).
 
 Every other combination (ReLU^2, RoPE with LayerNorm, ...) is refused, naming the knob.
+llama.cpp implements the same three (``slm.gguf`` writes them as GGUF), so ``hf_family``
+decides for both formats.
 The vocab padding (e.g. 50257 -> 50304 rows) is dropped on export and comes back as zero rows.
 ``transformers`` and ``safetensors`` are the ``hf`` extra (``require``).
 """
@@ -39,16 +41,17 @@ EXPORTABLE = (
     "learned+layernorm+gelu (GPT-2), rope+rmsnorm+swiglu (Llama), "
     "rope+rmsnorm+swiglu+qk_norm (Qwen 3)"
 )
-INSTALL = 'pip install -e ".[hf]"'
 
 
-def require(name: str) -> ModuleType:
-    """The module ``name`` of the ``hf`` extra (``transformers``, ``safetensors``), or a
-    one-line ``SlmError`` that says how to install it."""
+def require(name: str, extra: str = "hf") -> ModuleType:
+    """The module ``name`` of an extra (``hf``: ``transformers``, ``safetensors``; ``gguf``:
+    ``gguf``), or a one-line ``SlmError`` that says how to install it."""
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise SlmError(f"{name} is not installed ({first_line(e)}); {INSTALL}") from e
+        raise SlmError(
+            f'{name} is not installed ({first_line(e)}); pip install -e ".[{extra}]"'
+        ) from e
 
 
 # -- slm <-> the families --------------------------------------------------------------------
@@ -64,8 +67,8 @@ def hf_family(c: GPTConfig) -> str:
     if c.mlp == "relu2":
         raise refuse(
             "model.mlp=relu2",
-            "no transformers family computes ReLU^2 MLPs; train with model.mlp=swiglu to export "
-            "(arch=modern model.mlp=swiglu exports as Qwen 3)",
+            "neither transformers nor llama.cpp has a family with ReLU^2 MLPs; train with "
+            "model.mlp=swiglu to export (arch=modern's default: it exports as Qwen 3)",
         )
     if c.positions == "learned":  # GPT-2 is the one family with learned absolute positions
         if c.norm != "layernorm":
@@ -90,8 +93,10 @@ def hf_config(c: GPTConfig, family: str) -> dict:
     common["tie_word_embeddings"] = c.tie_embeddings
     if family == "gpt2":
         return dict(
-            **common, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-            n_head=c.n_head, n_inner=None, layer_norm_epsilon=EPS,
+            # n_ctx: GPT2Config's old name for n_positions; transformers no longer reads it,
+            # llama.cpp's convert_hf_to_gguf.py needs it (KeyError: 'n_ctx' without it).
+            **common, n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd,
+            n_layer=c.n_layer, n_head=c.n_head, n_inner=None, layer_norm_epsilon=EPS,
             activation_function="gelu",  # exact (erf) GELU; GPT-2's default is the tanh one
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
         )  # fmt: skip
@@ -149,22 +154,26 @@ def _conv1d(family: str, name: str) -> bool:
     return family == "gpt2" and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
 
 
-def to_hf(c: GPTConfig, state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+def to_hf(
+    c: GPTConfig, state: dict[str, torch.Tensor], family: str, conv1d: bool = True
+) -> dict[str, torch.Tensor]:
     """slm's state dict as the family's, without the vocab padding; GPT-2's biases are zeros
-    where slm has none (LayerNorm and Linear with ``bias=False``)."""
+    where slm has none (LayerNorm and Linear with ``bias=False``). ``conv1d=False`` keeps
+    GPT-2's matmul weights in nn.Linear's (out, in) layout, as GGUF stores them."""
     out: dict[str, torch.Tensor] = {}
     for name, hf_names in layout(c, family):
         t = state[name]
         if name in ("transformer.wte.weight", "lm_head.weight"):
             t = t[: c.vocab_size]
-        if _conv1d(family, name):
+        if conv1d and _conv1d(family, name):
             t = t.t()
         for hf_name, part in zip(hf_names, t.chunk(len(hf_names), dim=0)):
             out[hf_name] = part.contiguous()
     if family == "gpt2" and not c.bias:
         for name in list(out):
             if name.endswith(".weight") and "wte" not in name and "wpe" not in name:
-                width = out[name].shape[-1]  # LayerNorm (C,), Conv1D (in, out): out features
+                # LayerNorm (C,); Conv1D (in, out) or Linear (out, in): out features
+                width = out[name].shape[-1 if conv1d else 0]
                 out[name.removesuffix("weight") + "bias"] = out[name].new_zeros(width)
     return out
 
@@ -197,11 +206,19 @@ def write_model_dir(directory: Path, model: GPT, tok: Tokenizer) -> int:
     return sum(p.numel() for p in hf.parameters())
 
 
+# A literal "<|endoftext|>" in a text is read as plain text, not as the special token: slm
+# encodes every text so (encode_ordinary), and the model was trained on such text.
+SPLIT_SPECIAL = True
+
+
 def write_tokenizer(directory: str | Path, tok: Tokenizer, model_max_length: int) -> list[str]:
     """``tok`` as Hugging Face tokenizer files in ``directory``, which
     ``AutoTokenizer.from_pretrained`` reads as a tokenizer that encodes and decodes as ``tok``
-    does, ``<|endoftext|>`` included; returns the names written. A BPE: its
-    ``tokenizer.json`` (a fast tokenizer); gpt2: GPT-2's own files (``GPT2Tokenizer``)."""
+    does; returns the names written. A BPE: its ``tokenizer.json`` (a fast tokenizer); gpt2:
+    GPT-2's own files (``GPT2Tokenizer``). ``<|endoftext|>`` is the bos and eos token, and a
+    literal ``<|endoftext|>`` in a text is plain text (``split_special_tokens``), as slm
+    encodes it and as the model saw it in training: give the token by its id
+    (``tokenizer.eos_token_id``)."""
     if isinstance(tok, BPETokenizer):
         contents = _bpe_files(tok, model_max_length)
     else:
@@ -214,23 +231,10 @@ def write_tokenizer(directory: str | Path, tok: Tokenizer, model_max_length: int
 def _gpt2_files(tok: Tokenizer, model_max_length: int) -> dict[str, str]:
     """The gpt2 encoding as the Hugging Face GPT-2 tokenizer files (``vocab.json``,
     ``merges.txt``, ``tokenizer_config.json``, ``special_tokens_map.json``), built from
-    tiktoken's own ranks, so ``AutoTokenizer`` encodes as tiktoken does.
-
-    A token's id is its rank; a merge's priority is the rank of the token it makes, so the
-    merges, listed in rank order, make the BPE pick the same pair as tiktoken at every step."""
-    ranks = tok.ranks
-    chars = tokenizer.bytes_to_unicode()
-
-    def text(token: bytes) -> str:
-        return "".join(chars[b] for b in token)
-
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    vocab[EOT] = EOT_ID
-    merges = [
-        " ".join(map(text, tokenizer.last_merge(ranks, token)))
-        for token, _ in sorted(ranks.items(), key=lambda kv: kv[1])
-        if len(token) > 1
-    ]
+    tiktoken's own ranks (``tokenizer.byte_level_text``), so ``AutoTokenizer`` encodes as
+    tiktoken does."""
+    tokens, merges = tokenizer.byte_level_text(tok)
+    vocab = {text: i for i, text in enumerate(tokens)}
     special = {"content": EOT, "lstrip": False, "normalized": True, "rstrip": False}
     config = {
         "tokenizer_class": "GPT2Tokenizer",
@@ -239,6 +243,7 @@ def _gpt2_files(tok: Tokenizer, model_max_length: int) -> dict[str, str]:
         "add_bos_token": False,
         # tiktoken decodes to the exact text; HF's clean-up would drop spaces before punctuation.
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": SPLIT_SPECIAL,
         "bos_token": EOT,
         "eos_token": EOT,
         "unk_token": EOT,
@@ -262,6 +267,7 @@ def _bpe_files(tok: BPETokenizer, model_max_length: int) -> dict[str, str]:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,  # decode to the exact text
+        "split_special_tokens": SPLIT_SPECIAL,
         "bos_token": EOT,
         "eos_token": EOT,
         "unk_token": EOT,

@@ -189,6 +189,26 @@ def last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
+def byte_level_text(tok: Tokenizer) -> tuple[list[str], list[str]]:
+    """``tok`` written as byte-level BPE text, as GPT-2's ``vocab.json`` and ``merges.txt``
+    and GGUF's ``tokenizer.ggml.tokens`` and ``merges`` hold it: every id's token
+    (``bytes_to_unicode`` text; ``<|endoftext|>`` at ``eot_id``), and the merges in the order
+    of the ids they make, ``"left right"`` each, recovered from the ranks (``last_merge``).
+    A BPE that merges the lowest-listed pair first then picks the pair tiktoken does at every
+    step."""
+    chars = bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    tokens = [EOT] * tok.vocab_size
+    ordered = sorted(tok.ranks.items(), key=lambda kv: kv[1])
+    for token, rank in ordered:
+        tokens[rank] = text(token)
+    merges = [" ".join(map(text, last_merge(tok.ranks, t))) for t, _ in ordered if len(t) > 1]
+    return tokens, merges
+
+
 # -- tokenizer=bpe: a byte-level BPE fitted to the data ---------------------------------------
 
 MIN_VOCAB = 257  # the 256 byte tokens and <|endoftext|>

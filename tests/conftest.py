@@ -463,3 +463,54 @@ def reference(model, prompt: list[int], n: int) -> list[int]:
         if len(window) > block:
             window = window[-(block // 2) :]
     return out
+
+
+# -- exportable models: random weights, saved as training saves them (export, gguf) ---------
+
+# name -> model.* overrides on model=tiny, and the transformers class it exports as (GGUF:
+# the same family, under its own names: gpt2, llama, qwen3).
+EXPORT_ARCHS = {
+    "gpt2": ([], "GPT2LMHeadModel"),
+    "gpt2-untied-bias": (["model.tie_embeddings=false", "model.bias=true"], "GPT2LMHeadModel"),
+    "llama": (
+        ["model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu",
+         "model.tie_embeddings=false", "model.rope_theta=500"],
+        "LlamaForCausalLM",
+    ),
+    "llama-bias": (
+        ["model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=true",
+         "model.tie_embeddings=false"],
+        "LlamaForCausalLM",
+    ),
+    "llama-tied": (
+        ["model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu"],
+        "LlamaForCausalLM",
+    ),
+    "qwen3": (["arch=modern"], "Qwen3ForCausalLM"),  # RoPE, RMSNorm, SwiGLU, QK-norm, untied
+}  # fmt: skip
+
+
+def tiny_config(*overrides: str):
+    """The ``GPTConfig`` of ``model=tiny`` with ``overrides``."""
+    from slm.config import compose
+    from slm.model import GPTConfig
+
+    return GPTConfig(**compose("train", ["model=tiny", *overrides]).model)
+
+
+def save_slm_pt(path: Path, config, seed: int = 0):
+    """A GPT with random weights, norm gains and biases (none of them at their init values,
+    so a gain or bias that an export dropped or misplaced shows), saved as training does."""
+    from slm import checkpoint
+    from slm.model import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # gains around 1, biases around 0 (small: not one token always)
+                p.add_(torch.randn_like(p) * (0.02 if name.endswith("bias") else 0.2))
+            elif name.endswith("c_proj.weight"):
+                p.mul_(4)  # larger residual updates: the layers matter for the logits
+    checkpoint.save_slm_pt(path, config, model.state_dict(), step=7)
+    return model

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EXPORT_ARCHS, save_slm_pt, tiny_config
 
-from slm import checkpoint, hf
 from slm import export as ex
+from slm import hf
 from slm.checkpoint import load_model
 from slm.config import compose
 from slm.errors import CheckpointError, ConfigError, SlmError, run_cli
-from slm.model import GPT, GPTConfig
+from slm.model import GPTConfig
 from slm.resume import apply_init_from
 from slm.sample import generate
 from slm.tokenizer import EOT, EOT_ID, get_encoding
@@ -25,47 +26,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHS = {  # name -> model.* overrides on model=tiny, and the family it exports as
-    "gpt2": ([], "GPT2LMHeadModel"),
-    "gpt2-untied-bias": (["model.tie_embeddings=false", "model.bias=true"], "GPT2LMHeadModel"),
-    "llama": (
-        ["model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu",
-         "model.tie_embeddings=false", "model.rope_theta=500"],
-        "LlamaForCausalLM",
-    ),
-    "llama-bias": (
-        ["model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=true",
-         "model.tie_embeddings=false"],
-        "LlamaForCausalLM",
-    ),
-    "llama-tied": (
-        ["model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu"],
-        "LlamaForCausalLM",
-    ),
-    "qwen3": (
-        ["arch=modern", "model.mlp=swiglu"],  # modern's RoPE, RMSNorm, QK-norm, untied head
-        "Qwen3ForCausalLM",
-    ),
-}  # fmt: skip
-
-
-def tiny_config(*overrides: str) -> GPTConfig:
-    return GPTConfig(**compose("train", ["model=tiny", *overrides]).model)
-
-
-def save_slm_pt(path: Path, config: GPTConfig, seed: int = 0) -> GPT:
-    """A GPT with random weights, norm gains and biases (none of them at their init values,
-    so a gain or bias that the export dropped or misplaced shows), saved as training does."""
-    torch.manual_seed(seed)
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:  # gains around 1, biases around 0 (small: not one token always)
-                p.add_(torch.randn_like(p) * (0.02 if name.endswith("bias") else 0.2))
-            elif name.endswith("c_proj.weight"):
-                p.mul_(4)  # larger residual updates: the layers matter for the logits
-    checkpoint.save_slm_pt(path, config, model.state_dict(), step=7)
-    return model
+ARCHS = EXPORT_ARCHS
 
 
 @pytest.fixture(scope="module")
@@ -167,20 +128,34 @@ def test_export_directory_holds_the_files(exported):
     config = json.loads((out / "config.json").read_text())
     if config["model_type"] == "gpt2":
         assert config["activation_function"] == "gelu"  # exact GELU, as nn.GELU()
+        # llama.cpp's convert_hf_to_gguf.py reads n_ctx (a KeyError without it)
+        assert config["n_ctx"] == config["n_positions"] == model.config.block_size
     assert not list(out.parent.glob(".hf.*"))  # no temporary directory left behind
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("piece", ["v1_txt", "v2_txt"])
-def test_tokenizer_encodes_and_decodes_as_tiktoken(hf_tokenizer, piece, request):
+def test_tokenizer_encodes_and_decodes_as_slm(hf_tokenizer, piece, request):
+    """Real text, its stories' <|endoftext|> separator lines included: slm's ids (the
+    separators are plain text to both), the same text back, the EOT as bos and eos."""
     text = request.getfixturevalue(piece).read_text(encoding="utf-8")
-    expected = get_encoding().encode(text, allowed_special={EOT})
     ids = hf_tokenizer(text)["input_ids"]
-    assert ids.count(EOT_ID) == expected.count(EOT_ID) > 1000  # each story's end, one id
-    assert ids == expected
+    assert text.count(EOT) > 1000 and EOT_ID not in ids
+    assert ids == get_encoding().encode_ordinary(text)
     assert hf_tokenizer.decode(ids) == text
     assert hf_tokenizer.eos_token_id == hf_tokenizer.bos_token_id == EOT_ID
     assert len(hf_tokenizer) == 50257
+
+
+def test_literal_endoftext_is_plain_text_as_in_slm(gpt2_dir):
+    """A literal <|endoftext|> in a text is plain text to the exported tokenizer, as slm
+    encodes every text (and as the model saw such text in training); the token itself is
+    given by its id."""
+    hf_tok = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+    text = f"The end.{EOT}Once upon a time {EOT}"
+    ids = hf_tok(text)["input_ids"]
+    assert ids == get_encoding().encode_ordinary(text) and EOT_ID not in ids
+    assert hf_tok.eos_token_id == EOT_ID
 
 
 def test_tokenizer_merges_are_gpt2s_own(hf_tokenizer, exported):
@@ -279,12 +254,12 @@ def test_cli_init_from_conflict_is_one_line(gpt2_dir, tmp_path):
 # -- errors ----------------------------------------------------------------------------------
 
 RELU2 = (
-    "model.mlp=relu2: no transformers family computes ReLU^2 MLPs; train with model.mlp=swiglu "
-    "to export (arch=modern model.mlp=swiglu exports as Qwen 3)"
+    "model.mlp=relu2: neither transformers nor llama.cpp has a family with ReLU^2 MLPs; train "
+    "with model.mlp=swiglu to export (arch=modern's default: it exports as Qwen 3)"
 )
 REFUSED = [
     (["model.mlp=relu2"], RELU2),
-    (["arch=modern"], RELU2),
+    (["arch=modern", "model.mlp=relu2"], RELU2),
     (["model.positions=rope"], "model.norm=layernorm with model.positions=rope: Llama has RMSNorm"),
     (["model.positions=rope", "model.norm=rmsnorm"],
      "model.mlp=gelu with model.positions=rope: Llama has SwiGLU"),
@@ -293,7 +268,7 @@ REFUSED = [
     (["model.mlp=swiglu"], "model.mlp=swiglu with model.positions=learned: GPT-2 has GELU"),
     (["model.qk_norm=true"],
      "model.qk_norm=true with model.positions=learned: GPT-2 has no QK-norm"),
-    (["arch=modern", "model.mlp=swiglu", "model.bias=true"],
+    (["arch=modern", "model.bias=true"],
      "model.bias=true with model.qk_norm=true: Qwen 3 has no MLP biases"),
 ]  # fmt: skip
 
@@ -373,6 +348,39 @@ def test_unwritable_out_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slm.pt"]
 
 
+def test_cli_format_gguf_writes_one_file_and_says_how_to_run_it(tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    save_slm_pt(tmp_path / "slm.pt", tiny_config())
+    out = tmp_path / "my model.gguf"
+    args = [f"ckpt={tmp_path / 'slm.pt'}", "format=gguf", "gguf_type=q8_0", f"out='{out}'"]
+    assert ex.main(args) == out
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == 7  # mostly q8_0
+    assert reader.fields["general.architecture"].contents() == "gpt2"
+    size = out.stat().st_size / 1e6
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {out} (q8_0, {size:.1f} MB): run it with llama.cpp, llama-completion -m "
+        f"'{out}' -c 0 -p 'Once upon a time' (README: Run with llama.cpp and Ollama)"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my model.gguf", "slm.pt"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["gguf_type=q8_0"], "gguf_type=q8_0 is for format=gguf; add format=gguf"),
+        (["format=onnx"], "format=onnx is not one of hf, gguf"),
+        (["format=gguf", "gguf_type=q4_k"], "gguf_type=q4_k is not one of f32, f16, q8_0"),
+    ],
+)
+def test_cli_format_and_gguf_type_errors_are_one_line(tmp_path, args, message):
+    """Checked before the checkpoint is read; a gguf_type that format=hf would ignore too."""
+    with pytest.raises(ConfigError) as e:
+        ex.main([f"ckpt={tmp_path / 'missing.pt'}", f"out={tmp_path / 'out'}", *args])
+    assert str(e.value) == message
+    assert not list(tmp_path.iterdir())
+
+
 def test_lightning_ckpt_exports_with_its_run_in_the_model_card(tmp_path):
     """A .ckpt in a run's checkpoints/: the card reads the run's metrics and command."""
     run = tmp_path / "run"
@@ -445,7 +453,7 @@ def bpe_export(bpe_run, tmp_path_factory) -> Path:
 
 def test_bpe_export_tokenizes_and_computes_as_slm(bpe_run, bpe_export, v1_txt, v2_txt):
     """The checkpoint's own BPE, as a fast tokenizer that AutoTokenizer reads: the same ids
-    as slm on real text (an <|endoftext|> in the text is the EOT token, as for gpt2), the same
+    as slm on real text (a literal <|endoftext|> in the text is plain text to both), the same
     text back, the EOT as bos/eos; the model has the BPE's vocab and computes slm's logits."""
     from slm.checkpoint import load_tokenizer
 
@@ -457,10 +465,9 @@ def test_bpe_export_tokenizes_and_computes_as_slm(bpe_run, bpe_export, v1_txt, v
     for piece in (v1_txt, v2_txt):
         text = piece.read_text(encoding="utf-8")
         parts = text.split(EOT)
-        expected = [t for p in parts[:-1] for t in [*tok.encode(p), tok.eot_id]]
         ids = hf_tok(text)["input_ids"]
-        assert ids == expected + tok.encode(parts[-1])
-        assert ids.count(tok.eot_id) == len(parts) - 1 > 1000
+        assert ids == tok.encode(text)
+        assert tok.eot_id not in ids and len(parts) > 1000
         assert hf_tok.decode(ids) == text
     assert hf_tok.eos_token_id == hf_tok.bos_token_id == tok.eot_id == 0
     assert len(hf_tok) == tok.vocab_size == 4096

@@ -152,3 +152,37 @@ def test_the_tracker_commands_compose_as_written():
     [block] = [b for b in code_blocks(section("Research comforts"), "bash") if "logger=" in b]
     picked = [list(chosen(compose("train", argv[2:]))) for argv in commands(block, "train.py")]
     assert picked == [["wandb"], ["mlflow"], ["tensorboard", "wandb", "csv"], []]
+
+
+@pytest.mark.slow
+def test_gguf_commands_as_written(tiny_run, tmp_path, monkeypatch):
+    """The Run with llama.cpp section's export commands (f32, q8_0) on a model=tiny; the
+    Modelfile names the file they write; llama.cpp (where installed) loads it and continues
+    the README's prompt."""
+    pytest.importorskip("gguf")
+    from slm import export
+
+    text = section("Run with llama.cpp and Ollama")
+    [block] = code_blocks(text, "bash")[:1]
+    lines = [shlex.split(line, comments=True) for line in block.splitlines()]
+    runs = [argv[3:] for argv in lines if argv[:3] == ["python", "-m", "slm.export"]]
+    assert len(runs) == 2
+    monkeypatch.chdir(tmp_path)
+    ckpt = str(tiny_run / "slm.pt")
+    for args in runs:  # ckpt=outputs/DATE/TIME/slm.pt, then ckpt=...
+        export.main([re.sub(r"^ckpt=.*", f"ckpt={ckpt}", a) for a in args])
+    assert sorted(p.name for p in tmp_path.glob("*.gguf")) == [
+        "my-model-q8_0.gguf",
+        "my-model.gguf",
+    ]
+    [modelfile] = code_blocks(text, "modelfile")
+    assert modelfile.startswith("FROM ./my-model.gguf\n")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    [llama] = [argv for argv in lines if argv[:1] == ["llama-completion"]]
+    prompt = llama[llama.index("-p") + 1]
+    llm = llama_cpp.Llama("my-model.gguf", n_ctx=0, n_threads=1, verbose=False)
+    try:
+        out = llm(prompt, max_tokens=8, temperature=0)
+        assert out["usage"]["prompt_tokens"] == 4 and out["usage"]["completion_tokens"] > 0
+    finally:
+        llm.close()
