@@ -11,10 +11,10 @@ computed. A tied ``lm_head`` and token embedding stay one tensor.
 
 How each matmul runs (``PackedLinear``; docs/design.md and benchmarks/README.md say why):
 
-- in the compiled decode step, one row at a time (batch 1) on a CPU, or int8 on CUDA: as a
-  reduction, ``(w.float() * x).sum(-1) * scale``, which inductor turns into one loop that
-  streams the weight at the memory's speed (a matmul library's GEMV read fp32 weights at
-  less than half of it here);
+- in the compiled decode step, one row at a time (batch 1), int8 anywhere and fp32 on a CPU:
+  as a reduction, ``(w.float() * x).sum(-1) * scale``, which inductor turns into one loop that
+  streams the weight (a matmul library's one-row product read fp32 at under half the
+  memory's speed here, and torch's int8 kernels slower still);
 - otherwise bf16/fp16 as the weights' own matmul (the input cast to it), and int8 as a matmul
   with the weight cast to the input's dtype, the per-channel scale applied to the output (it
   factors out of each dot product): correct, and the slow path for int8 (it makes a cast copy
@@ -62,13 +62,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, scale = self.weight, self.scale
-        streamed = x.device.type == "cpu" or scale is not None  # (cuBLAS has good GEMVs)
-        if torch.compiler.is_compiling() and streamed and x.numel() == x.size(-1):
-            # the input rounded as the eager matmul rounds it (to bf16/fp16 weights' dtype)
-            # and its output rounded alike, so that compiled and eager steps agree
-            half = w.dtype if scale is None else x.dtype
-            row = x.reshape(1, -1).to(half).float()
-            y = (w.to(torch.float32) * row).sum(-1).to(half).reshape(*x.shape[:-1], -1)
+        if torch.compiler.is_compiling() and x.numel() == x.size(-1) and self.streamed(x):
+            y = (w.to(torch.float32) * x.reshape(1, -1)).sum(-1).reshape(*x.shape[:-1], -1)
         elif scale is None and w.dtype != x.dtype:
             y = F.linear(x.to(w.dtype), w)  # bf16 / fp16 weights: their own matmul
         else:
@@ -78,6 +73,13 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
+
+    def streamed(self, x: torch.Tensor) -> bool:
+        """Whether a compiled one-row product is the streaming reduction: for int8 (every
+        matmul kernel would first make a cast copy of it), and for fp32 on a CPU (where
+        inductor's loop reads it at twice a GEMV library's speed). bf16 and fp16 keep their
+        library matmul, which inductor's loop did not beat here."""
+        return self.scale is not None or (x.device.type == "cpu" and self.weight.dtype == x.dtype)
 
 
 class PackedEmbedding(nn.Module):
