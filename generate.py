@@ -22,28 +22,31 @@ import torch
 from omegaconf import DictConfig
 
 from slm.checkpoint import load_model, load_tokenizer
-from slm.config import check_added_keys, resolve_inference
+from slm.config import Inference, check_added_keys, resolve_inference
 from slm.errors import report
-from slm.sample import check_sampling, generate, warm_up
+from slm.sample import generate, warm_up
+from slm.sampling import check_sampling
+from slm.weights import pack
 
 
-def validate(cfg: DictConfig) -> tuple[torch.device, bool]:
-    """The device to run on and whether to compile the decode step; ``ValueError`` (one line)
-    for the first bad argument. Runs before the checkpoint is read, so a typo fails at once."""
+def validate(cfg: DictConfig) -> Inference:
+    """The device to run on, whether to compile the decode step and the weights' format;
+    ``ValueError`` (one line) for the first bad argument. Runs before the checkpoint is read,
+    so a typo fails at once."""
     check_added_keys(cfg)  # +key=value that nothing would read (Hydra's hint for a typo)
-    device, compile = resolve_inference(cfg, "python generate.py ckpt=PATH (a slm.pt or .ckpt)")
+    plan = resolve_inference(cfg, "python generate.py ckpt=PATH (a slm.pt or .ckpt)")
     check_sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples)
     if cfg.seed is not None and (not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool)):
         raise ValueError(f"seed={cfg.seed} must be an integer, or null for a random draw")
-    return device, compile
+    return plan
 
 
 def run(cfg: DictConfig) -> int:
     """Generate as ``cfg`` says; the exit code."""
     out, err = sys.stdout, sys.stderr
     try:
-        device, compile = validate(cfg)
-        model = load_model(cfg.ckpt, device)  # CheckpointError is a ValueError
+        device, compile, weights = validate(cfg)
+        model = pack(load_model(cfg.ckpt, device), weights)  # CheckpointError: a ValueError
         tok = load_tokenizer(cfg.ckpt)  # an SlmError for gpt2 offline without the BPE files
     except ValueError as e:
         return report(e)
@@ -117,7 +120,7 @@ def run(cfg: DictConfig) -> int:
     compiled = f", compiled (compile {compile_s:.1f} s, once per process)" if compile else ""
     print(
         f"{n} sample(s), {tokens} new tokens in {seconds:.2f} s "
-        f"({tokens / max(seconds, 1e-9):,.1f} tokens/s) on {device}{compiled}",
+        f"({tokens / max(seconds, 1e-9):,.1f} tokens/s) on {device}, {weights} weights{compiled}",
         file=err,
     )
     return 0

@@ -1,26 +1,36 @@
-"""Generation speed: prefill and decode tokens/s of ``slm.sample.generate``, eager and compiled.
+"""Decode speed, side by side: slm's weight formats (eager and compiled) against transformers'
+``generate`` on the exported model and llama.cpp on a GGUF of the same weights.
 
-    python benchmarks/generate.py [--model small] [--new-tokens 512] [--batch 1 8] \
-        [--compile | --no-compile] [--device auto]
+    python benchmarks/generate.py                        # model=small, batch 1, 1 thread
+    python benchmarks/generate.py --arch modern          # RoPE, RMSNorm, SwiGLU, QK-norm
+    python benchmarks/generate.py --batch 8 --sides slm  # slm only, batch 8
+    python benchmarks/generate.py --device cuda          # on a GPU
 
 The same randomly initialised model (``conf/model/<model>.yaml``, seed 1337: speed does not
-depend on the weights) and greedy decoding with no stop at <|endoftext|>. Per batch and mode:
+depend on the weights), greedy, no stop at <|endoftext|>: every side makes exactly the same
+number of new tokens, as many as fit the context after the prompt (no context shift, which
+transformers does not have). Decode tokens/s = (new tokens - 1) / (the time for all of them -
+the time for one, i.e. the prefill). The sides run in interleaved rounds (``--rounds``), so a
+shared machine's load falls on all of them alike; each side's median and min over the rounds
+are printed, with its ratio to slm fp32 eager (the median of the per-round ratios).
 
-- prefill: ``generate`` of 1 token from a prompt of ``block_size // 2`` tokens (one forward
-  over the prompt, then one sampled token), best of 3: prompt tokens / s.
-- decode: ``--new-tokens`` tokens per sample from the prompt "Once upon a time", less the time
-  of the same call for 1 token (its prefill), best of 2: new tokens / s. The window slides
-  past block_size as in ``slm.sample`` (a refill or a cache shift every block_size // 2).
+The weight-read bound: decoding at batch 1 reads every weight once per token, so no side can
+beat (read bandwidth) / (bytes of weights read per token). The bandwidth is measured here
+(the best of summing a 1 GiB tensor on the same threads, before and after the rounds); each
+side's bytes per token are its own (its format's weights; the token embedding read a row at a
+time unless it is the lm_head). Each side's share of its bound is printed.
 
-Modes: eager (``generate``'s default: the growing cache on the CPU, the static one on CUDA)
-and compiled (``compile=True``, after ``warm_up``, whose time is printed as ``compile``). The
-compiled tokens are checked against the eager ones. Default: batch 1 eager on the CPU; batch 1
-and 8, eager and compiled, on a GPU.
+Sides: ``slm`` (``--weights``, ``--modes``), ``transformers`` (the hf extra; the export of
+``slm.hf``), ``llama.cpp`` (where ``llama_cpp`` is importable: ``pip install
+llama-cpp-python``; GGUFs written by ``slm.gguf``, ``--gguf-types``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,86 +42,204 @@ from slm import tokenizer
 from slm.model import GPT, GPTConfig
 from slm.precision import resolve_device
 from slm.sample import generate, warm_up
+from slm.weights import pack, weight_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Once upon a time"
+ARCHS = {
+    "gpt2": {},
+    "modern": dict(positions="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True),
+}
 
 
-def timed(model: GPT, prompt: torch.Tensor, new_tokens: int, compile: bool, repeats: int):
-    """Best wall time of ``repeats`` greedy ``generate`` calls, and their tokens."""
-    device = next(model.parameters()).device
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+def read_bandwidth(device: torch.device) -> float:
+    """Bytes/s of the best of 5 sums of a 1 GiB fp32 tensor on ``device``."""
+    x = torch.ones(2**28, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
         t0 = time.perf_counter()
-        out = generate(model, prompt, new_tokens, temperature=0, stop_token=None, compile=compile)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        x.sum()
+        sync(device)
         best = min(best, time.perf_counter() - t0)
-    return best, out
+    return x.numel() * 4 / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Side:
+    """One way of decoding: ``run(n)`` makes ``n`` greedy tokens after the prompt."""
+
+    name: str
+    bytes_per_token: int
+
+    def run(self, n: int) -> list[int]:
+        raise NotImplementedError
+
+
+class Slm(Side):
+    def __init__(self, model: GPT, fmt: str, compile: bool, prompt: torch.Tensor) -> None:
+        import copy
+
+        self.model = pack(copy.deepcopy(model), fmt)
+        self.compile, self.prompt = compile, prompt
+        self.name = f"slm {fmt} {'compiled' if compile else 'eager'}"
+        self.bytes_per_token = weight_bytes(self.model)
+        if compile:
+            warm_up(self.model, prompt.size(0))
+
+    def run(self, n: int) -> list[int]:
+        out = generate(self.model, self.prompt, n, temperature=0, stop_token=None,
+                       compile=self.compile)  # fmt: skip
+        return out[0]
+
+
+class Transformers(Side):
+    def __init__(self, model: GPT, tok, prompt: torch.Tensor, directory: Path) -> None:
+        import transformers
+
+        from slm import hf
+
+        hf.write_model_dir(directory, model, tok)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+        self.model.to(prompt.device)
+        self.prompt, self.name = prompt, "transformers fp32"
+        self.bytes_per_token = weight_bytes(model)
+
+    @torch.inference_mode()
+    def run(self, n: int) -> list[int]:
+        ids = self.model.generate(
+            self.prompt, attention_mask=torch.ones_like(self.prompt), max_new_tokens=n,
+            min_new_tokens=n, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+        return ids[0, self.prompt.size(1) :].tolist()
+
+
+class LlamaCpp(Side):
+    def __init__(self, path: Path, gguf_type: str, prompt: list[int], n_ctx: int, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+            n_threads_batch=threads, verbose=False,
+        )  # fmt: skip
+        self.prompt, self.name = prompt, f"llama.cpp {gguf_type}"
+        self.bytes_per_token = gguf_bytes_per_token(path)
+
+    def run(self, n: int) -> list[int]:
+        out = []
+        for t in self.llm.generate(self.prompt, top_k=1, temp=0.0, reset=True):
+            out.append(t)
+            if len(out) == n:
+                break
+        return out
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """The bytes of a GGUF's tensors one decode step reads (all but a token embedding that
+    the lm_head does not share, which is read a row at a time; the position embedding)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    skip = {"position_embd.weight"}
+    if "output.weight" in tensors:
+        skip.add("token_embd.weight")
+    return sum(b for name, b in tensors.items() if name not in skip)
+
+
+def timed(side: Side, n: int, device: torch.device) -> tuple[float, list[int]]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = side.run(n)
+    sync(device)
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="small", help="a conf/model/*.yaml name")
-    p.add_argument("--new-tokens", type=int, default=512)
-    p.add_argument("--batch", type=int, nargs="+", default=None)
+    p.add_argument("--arch", default="gpt2", choices=ARCHS)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=None, help="default: what fits the context")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also time compile=True (default: on CUDA)",
-    )
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of every side")
+    p.add_argument("--sides", nargs="+", default=["slm", "transformers", "llama.cpp"])
+    p.add_argument("--weights", nargs="+", default=["fp32", "bf16", "fp16", "int8"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    p.add_argument("--gguf-types", nargs="+", default=["f32", "f16", "q8_0"])
     args = p.parse_args()
 
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    cuda = device.type == "cuda"
-    batches = args.batch or ([1, 8] if cuda else [1])
-    modes = ["eager"] + (["compiled"] if (cuda if args.compile is None else args.compile) else [])
-    config = GPTConfig(
-        **OmegaConf.to_container(OmegaConf.load(REPO / "conf/model" / f"{args.model}.yaml"))
-    )
+    base = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model" / f"{args.model}.yaml"))
+    config = GPTConfig(**base, **ARCHS[args.arch])
     torch.manual_seed(1337)
     model = GPT(config).to(device).eval()
-    where = torch.cuda.get_device_name(device) if cuda else cpu_name()
-    n_prefill = config.block_size // 2
-    long_prompt = (tokenizer.encode(PROMPT + ", ") * n_prefill)[:n_prefill]
-    print(
-        f"model={args.model} ({model.num_params()['total'] / 1e6:.1f}M parameters, "
-        f"block_size={config.block_size}), prefill {n_prefill} tokens, decode "
-        f"{args.new_tokens} new tokens from {PROMPT!r}"
-    )
-    print(
-        f"device: {device} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-    for batch in batches:
-        short = torch.tensor([tokenizer.encode(PROMPT)] * batch)
-        long = torch.tensor([long_prompt] * batch)
-        eager_out = None
-        for mode in modes:
-            compile = mode == "compiled"
-            t0 = time.perf_counter()
-            if compile:
-                warm_up(model, batch)
-            else:
-                generate(model, short, 8, temperature=0)  # allocator, kernels, lazy init
-            setup = time.perf_counter() - t0
-            t_prefill, _ = timed(model, long, 1, compile, repeats=3)
-            t_first, _ = timed(model, short, 1, compile, repeats=3)
-            t_all, out = timed(model, short, args.new_tokens, compile, repeats=2)
-            decode = batch * (args.new_tokens - 1) / max(t_all - t_first, 1e-9)
-            line = (
-                f"{f'batch {batch} {mode}:':<17} prefill {batch * n_prefill / t_prefill:9,.0f} "
-                f"tokens/s | "
-                f"decode {decode:9,.1f} tokens/s ({t_all:6.2f} s for {args.new_tokens} tokens)"
-            )
-            if compile:
-                same = sum(a == b for a, b in zip(out, eager_out or []))
-                line += f" | compile {setup:5.1f} s | identical to eager {same}/{batch}"
-            eager_out = eager_out or out
-            print(line, flush=True)
+    tok = tokenizer.gpt2()
+    ids = tok.encode(PROMPT)
+    n = args.new_tokens or config.block_size - len(ids)
+    prompt = torch.tensor([ids] * args.batch, device=device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"model={args.model} arch={args.arch} ({model.num_params()['total'] / 1e6:.1f}M "
+          f"parameters, block_size {config.block_size}), batch {args.batch}, {n} new tokens "
+          f"from {PROMPT!r}, greedy")  # fmt: skip
+    print(f"device: {device} ({where}), torch {torch.__version__}, {args.threads} thread(s)")
+
+    sides: list[Side] = []
+    tmp = tempfile.TemporaryDirectory(prefix="slm-bench-")
+    if "slm" in args.sides:
+        for mode in args.modes:
+            for fmt in args.weights:
+                t0 = time.perf_counter()
+                sides.append(Slm(model, fmt, mode == "compiled", prompt))
+                if mode == "compiled":
+                    print(f"{sides[-1].name}: compiled in {time.perf_counter() - t0:.1f} s")
+    if "transformers" in args.sides and importlib.util.find_spec("transformers"):
+        sides.append(Transformers(model, tok, prompt, Path(tmp.name) / "hf"))
+    if "llama.cpp" in args.sides and device.type == "cpu" and args.batch == 1:
+        if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("slm.gguf"):
+            from slm import gguf
+
+            for t in args.gguf_types:
+                path = Path(tmp.name) / f"model-{t}.gguf"
+                gguf.write(path, model, tok, t)
+                sides.append(LlamaCpp(path, t, ids, config.block_size, args.threads))
+        else:
+            print("llama.cpp: not measured (pip install llama-cpp-python)")
+
+    bandwidth = [read_bandwidth(device)]
+    rates: dict[str, list[float]] = {s.name: [] for s in sides}
+    tokens: dict[str, list[int]] = {}
+    for r in range(args.rounds):
+        for side in sides:
+            side.run(2)  # caches, lazy initialisation
+            t1, _ = timed(side, 1, device)
+            tn, out = timed(side, n, device)
+            rates[side.name].append(args.batch * (n - 1) / max(tn - t1, 1e-9))
+            tokens.setdefault(side.name, out)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()),
+              flush=True)  # fmt: skip
+    bandwidth.append(read_bandwidth(device))
+    bw = max(bandwidth)
+    print(f"read bandwidth: {bandwidth[0] / 1e9:.1f} / {bandwidth[1] / 1e9:.1f} GB/s "
+          "(before / after)")  # fmt: skip
+    first = sides[0].name if sides else ""
+    print(f"\n| side | tokens/s median (min) | x {first} | weight bytes/token | bound tokens/s "
+          "| share of bound | greedy tokens as the first |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for side in sides:
+        v = rates[side.name]
+        ratio = statistics.median(a / b for a, b in zip(v, rates[first]))
+        bound = bw / side.bytes_per_token * args.batch
+        same = sum(a == b for a, b in zip(tokens[side.name], tokens[first]))
+        print(f"| {side.name} | {statistics.median(v):,.1f} ({min(v):,.1f}) | {ratio:.2f}x | "
+              f"{side.bytes_per_token / 1e6:.1f} MB | {bound:,.0f} | "
+              f"{statistics.median(v) / bound:.0%} | {same}/{n} |")  # fmt: skip
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 
     python benchmarks/serve.py [--model small] [--clients 1 4 8] [--max-tokens 128] \
         [--rounds 2] [--repeats 3] [--device auto] [--compile | --no-compile] [--threads N] \
-        [--greedy]
+        [--greedy] [--weights fp32|bf16|fp16|int8]
+    python benchmarks/serve.py --server llama.cpp [--gguf-type f32|f16|q8_0] ...
+
+``--server llama.cpp`` runs llama-cpp-python's OpenAI-compatible server
+(``pip install 'llama-cpp-python[server]'``) on a GGUF of the same weights (``slm.gguf``)
+instead, with the same clients: the comparison users would make.
 
 The server runs in its own process (as a user runs it) on a randomly initialised model
 (``conf/model/<model>.yaml``, seed 1337: speed does not depend on the weights), saved to a
@@ -55,10 +60,18 @@ def free_port() -> int:
 
 
 def start_server(ckpt: Path, port: int, args) -> subprocess.Popen:
+    """``python -m slm.serve`` on ``ckpt``, or with ``--server llama.cpp``, llama-cpp-python's
+    OpenAI-compatible server on a GGUF of the same weights (``slm.gguf``, ``--gguf-type``)."""
     cmd = [sys.executable, "-m", "slm.serve", f"ckpt={ckpt}", f"port={port}"]
     cmd += [f"device={args.device}", f"max_batch={args.max_batch}", "api_key=null"]
+    cmd.append(f"weights={args.weights}")
     if args.compile is not None:
         cmd.append(f"compile={str(args.compile).lower()}")
+    if args.server == "llama.cpp":
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(ckpt), "--port", str(port)]
+        cmd += ["--model_alias", "slm", "--n_ctx", str(args.n_ctx)]
+        if args.threads:
+            cmd += ["--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -70,7 +83,7 @@ def start_server(ckpt: Path, port: int, args) -> subprocess.Popen:
         if server.poll() is not None:
             raise SystemExit(f"the server exited:\n{server.stderr.read()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
@@ -82,7 +95,7 @@ def start_server(ckpt: Path, port: int, args) -> subprocess.Popen:
 def stream_one(url: str, body: dict) -> dict:
     """One streaming request: when it was sent, when each text chunk came, its tokens."""
     sent = time.perf_counter()
-    arrivals, tokens = [], 0
+    arrivals, tokens = [], 0  # tokens: the usage's, or one per text chunk
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -93,7 +106,7 @@ def stream_one(url: str, body: dict) -> dict:
                 tokens = chunk["usage"]["completion_tokens"]
             if any(c["text"] for c in chunk["choices"]):
                 arrivals.append(time.perf_counter())
-    return {"sent": sent, "arrivals": arrivals, "tokens": tokens}
+    return {"sent": sent, "arrivals": arrivals, "tokens": tokens or len(arrivals)}
 
 
 def level(url: str, clients: int, rounds: int, body: dict) -> dict:
@@ -142,6 +155,9 @@ def main() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     p.add_argument("--greedy", action="store_true", help="temperature 0 instead of sampling")
+    p.add_argument("--weights", default="fp32", help="slm's weights= (fp32, bf16, fp16, int8)")
+    p.add_argument("--server", default="slm", choices=["slm", "llama.cpp"])
+    p.add_argument("--gguf-type", default="f32", help="llama.cpp: f32, f16 or q8_0")
     args = p.parse_args()
 
     config = GPTConfig(
@@ -157,6 +173,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slm-bench-serve-") as tmp:
         ckpt = Path(tmp) / "slm.pt"
         torch.save({"model_args": config.to_dict(), "model": model.state_dict()}, ckpt)
+        args.n_ctx = config.block_size
+        if args.server == "llama.cpp":
+            from slm import gguf, tokenizer
+
+            ckpt = Path(tmp) / f"slm-{args.gguf_type}.gguf"
+            gguf.write(ckpt, model, tokenizer.gpt2(), args.gguf_type)
         port = free_port()
         t0 = time.perf_counter()
         server = start_server(ckpt, port, args)
@@ -169,9 +191,13 @@ def main() -> None:
                 f"{args.rounds} requests per client, "
                 f"{'greedy' if args.greedy else 'temperature 0.8, top-k 200, top-p 0.95'}"
             )
+            what = (
+                f"llama.cpp {args.gguf_type}" if args.server == "llama.cpp" else
+                f"slm device={args.device} max_batch={args.max_batch} compile={args.compile} "
+                f"weights={args.weights}"
+            )  # fmt: skip
             print(
-                f"server: device={args.device} max_batch={args.max_batch} compile={args.compile} "
-                f"threads={args.threads or 'default'}, ready in {ready:.1f} s; "
+                f"server: {what} threads={args.threads or 'default'}, ready in {ready:.1f} s; "
                 f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average before: "
                 f"{os.getloadavg()[0]:.2f}"
             )

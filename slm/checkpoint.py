@@ -200,6 +200,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     Raises ``CheckpointError`` (one line) for a missing, foreign, truncated or inconsistent
     file: the weights must have exactly the keys and shapes of the stored config."""
     config, state = load_checkpoint(path)
+    packed = [k for k, v in state.items() if k.endswith(".scale") or v.dtype == torch.int8]
+    if packed:  # a state dict of slm.weights.pack's: weights for inference, not a checkpoint
+        raise CheckpointError(
+            f"{path}: holds int8 inference weights ({packed[0]}), which slm makes from a "
+            "checkpoint when it loads one (weights=int8) and never saves; pass the slm.pt or "
+            ".ckpt that training wrote"
+        )
     model = GPT(config)
     expected = model.state_dict()
     wrong = [

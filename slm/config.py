@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -17,6 +17,8 @@ from slm.optim import OPTIMIZERS
 from slm.precision import default_precision, resolve_device
 from slm.strategy import check_strategy
 from slm.tokenizer import check_config as check_tokenizer_config
+from slm.weights import FORMATS
+from slm.weights import resolve as resolve_weights
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -282,21 +284,33 @@ def resolve_hardware(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def resolve_inference(
-    cfg: DictConfig, usage: str, compiles: bool = True
-) -> tuple[torch.device, bool]:
+class Inference(NamedTuple):
+    """Where and how an inference command runs its model."""
+
+    device: torch.device
+    compile: bool  # the decode step through torch.compile
+    weights: str  # the weights' format (slm.weights): fp32, bf16, fp16 or int8
+
+
+def resolve_inference(cfg: DictConfig, usage: str, compiles: bool = True) -> Inference:
     """The checks every inference command (``generate.py``, ``slm.serve``, ``slm.evaluate``)
     makes before it reads its checkpoint: ``ckpt`` is given (else ``ckpt is required:
-    {usage}``), ``compile`` is auto, true or false (where the command ``compiles``; auto: on
-    CUDA) and ``device`` resolves (``slm.precision.resolve_device``). The device, and whether
-    to compile."""
+    {usage}``), ``compile`` is auto, true or false (where the command ``compiles``), ``device``
+    resolves (``slm.precision.resolve_device``) and ``weights`` is a format
+    (``slm.weights.resolve``: ``auto`` becomes the device's best half precision).
+    ``compile=auto`` compiles on CUDA, and on a CPU for int8 weights (whose fast matmul is
+    the compiled step's)."""
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt in (None, ""):
         raise ConfigError(f"ckpt is required: {usage}")
     if compiles and cfg.compile != "auto" and not isinstance(cfg.compile, bool):
         raise ConfigError(f"compile={cfg.compile} must be auto, true or false")
+    weights = cfg.get("weights", "fp32")
+    if weights not in FORMATS:
+        raise ConfigError(f"weights={weights} is not one of {', '.join(FORMATS)}")
     device = resolve_device(cfg.device)
-    compile = compiles and (device.type == "cuda" if cfg.compile == "auto" else cfg.compile)
-    return device, compile
+    weights = resolve_weights(weights, device)
+    compile = cfg.compile if cfg.compile != "auto" else device.type == "cuda" or weights == "int8"
+    return Inference(device, compiles and compile, weights)
 
 
 def model_overrides() -> dict[str, str]:

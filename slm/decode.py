@@ -69,12 +69,16 @@ def compiled_step(device: torch.device) -> Callable:
     shapes), the default inductor mode elsewhere (the filled length a dynamic size)."""
     if device.type not in _COMPILED:
         cuda = device.type == "cuda"
-        _COMPILED[device.type] = torch.compile(
-            _step,
-            mode="reduce-overhead" if cuda else "default",
-            fullgraph=True,
-            dynamic=False if cuda else None,
-        )
+        if cuda:
+            _COMPILED["cuda"] = torch.compile(
+                _step, mode="reduce-overhead", fullgraph=True, dynamic=False
+            )
+        else:  # inductor's default mode, where each op's result is a buffer, not recomputed
+            # inside its consumers' loops: it would fold the final norm into the lm_head's
+            # streamed product (slm.weights) and redo it for each of the 50k rows; at
+            # decode's sizes buffers cost nothing
+            options = {"realize_cpu_opcount_threshold": 0}
+            _COMPILED[device.type] = torch.compile(_step, fullgraph=True, options=options)
     return _COMPILED[device.type]
 
 
@@ -233,8 +237,33 @@ class Decoder:
         over the rows in use. Rows that do not decode (refilled ones, free ones of the
         batch size) write a dummy token at a slot past their filled ones, which is written
         again before it is ever read."""
-        block, rows = self.config.block_size, self.used
+        rows = self.used
         size = next((b for b in self.sizes if b >= rows), rows)
+        top = max(seq.length for seq, _ in pairs) - 1
+        if len(pairs) == len(self.seqs) == 1 and size == rows:  # generate: one group, all rows
+            tok, pos = pairs[0][1], None  # every row at slot top
+        else:
+            tok, pos = self._batch(pairs, size)
+        cache = self.views.get(size) or self.cache.rows(0, size)
+        where = self.pos.get(size)
+        if pos is None and not self.compile and not self.full_span:
+            where = top  # every row at the same slot: written and read as a slice, no mask
+        elif where is None:
+            where = torch.tensor(pos or [top] * size, dtype=torch.long, device=self.device)
+        elif pos is None:
+            where.fill_(top)  # a device-side write: no copy from the host
+        else:
+            where.copy_(torch.tensor(pos, dtype=torch.long))
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are used
+        logits = self.step_fn(self.model, tok[:, None], cache, where, self._span(top))
+        for seq, _ in pairs:
+            seq.logits = logits[seq.row : seq.row + seq.n]
+        self.steps += 1
+
+    def _batch(self, pairs: list[tuple[Seq, torch.Tensor]], size: int):
+        """The step's tokens (size,) and each row's slot: the new token's for the rows of
+        ``pairs``, a dummy past the filled ones for the others. Slots None: all the same."""
+        block = self.config.block_size
         fill = self.config.eot_id if self.config.eot_id < self.config.vocab_size else 0
         tok = torch.full((size,), fill, dtype=torch.long, device=self.device)
         pos = [0] * size
@@ -243,22 +272,7 @@ class Decoder:
         for seq, t in pairs:
             tok[seq.row : seq.row + seq.n] = t
             pos[seq.row : seq.row + seq.n] = [seq.length - 1] * seq.n  # its new token's slot
-        top = max(seq.length for seq, _ in pairs) - 1
-        cache = self.views.get(size) or self.cache.rows(0, size)
-        where = self.pos.get(size)
-        if not self.compile and not self.full_span and min(pos) == max(pos):
-            where = top  # every row at the same slot: written and read as a slice, no mask
-        elif where is None:
-            where = torch.tensor(pos, dtype=torch.long, device=self.device)
-        elif min(pos) == max(pos):
-            where.fill_(pos[0])  # a device-side write: no copy from the host
-        else:
-            where.copy_(torch.tensor(pos, dtype=torch.long))
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are used
-        logits = self.step_fn(self.model, tok[:, None], cache, where, self._span(top))
-        for seq, _ in pairs:
-            seq.logits = logits[seq.row : seq.row + seq.n]
-        self.steps += 1
+        return tok, (None if min(pos) == max(pos) else pos)
 
 
 # The compiled decoders of the process, per model, by rows, device and dtype: a compiled

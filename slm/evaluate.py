@@ -32,7 +32,7 @@ import json
 import math
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ from slm.model import GPT
 from slm.precision import eval_mode, inference_autocast
 from slm.prepare import prepare, read_meta, read_tokenizer, tokenize
 from slm.tokenizer import Tokenizer
+from slm.weights import pack
 
 
 def bits_per_byte(loss: float, tokens: int, utf8_bytes: int) -> float:
@@ -136,6 +137,20 @@ def evaluate_text(
         return score(model, path, stats["tokens"], stats["bytes"], batch_size, f"text={source}")
 
 
+def with_weights(model: GPT, weights: str, measure: Callable[[GPT], dict]) -> dict:
+    """``measure(model)`` with its weights in ``weights`` (``slm.weights``): another format
+    than fp32 is measured beside fp32 on the same text, ``"fp32"`` holding those numbers and
+    ``"bpb_change"`` the relative change in bits per byte. ``model`` is packed in place."""
+    if weights == "fp32":
+        return measure(model)
+    fp32 = measure(model)
+    result = measure(pack(model, weights))
+    result["weights"] = weights
+    result["fp32"] = {k: fp32[k] for k in ("val_loss", "val_ppl", "val_bpb")}
+    result["bpb_change"] = result["val_bpb"] / fp32["val_bpb"] - 1
+    return result
+
+
 def _which_data_dir(cfg: DictConfig, argv: list[str]) -> tuple[str, str]:
     """The data dir to evaluate on, and why: ``data.dir`` where the command line names it (or
     names ``data.source``: another text, prepared there), else the one that the checkpoint's
@@ -153,7 +168,7 @@ def _which_data_dir(cfg: DictConfig, argv: list[str]) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     cfg = compose("evaluate", argv)
-    device, _ = resolve_inference(cfg, "ckpt=PATH to a .ckpt or slm.pt", compiles=False)
+    device, _, weights = resolve_inference(cfg, "ckpt=PATH to a .ckpt or slm.pt", compiles=False)
     ckpt = cfg.ckpt
     stories.check(cfg)
     model = load_model(ckpt, device)  # a bad checkpoint fails before any tokenizing
@@ -173,7 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.text:
         with tokenized_text(str(cfg.text), tok) as (path, stats):
             name = f"text={cfg.text}"
-            result = score(model, path, stats["tokens"], stats["bytes"], d.batch_size, name)
+            result = with_weights(model, weights, lambda m: score(
+                m, path, stats["tokens"], stats["bytes"], d.batch_size, name
+            ))  # fmt: skip
             if cfg.stories:
                 result["stories"] = suite(path)
     else:
@@ -183,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
             check_tokenizer(d.dir, tok)  # before prepare's error, which knows no checkpoint
         # A no-op when already prepared.
         prepare(d.source, d.dir, d.val_fraction, d.overwrite, tok, d.get("max_stories"))
-        result = evaluate(model, d.dir, d.batch_size)  # its tokenizer checked just above
+        # its tokenizer checked just above
+        result = with_weights(model, weights, lambda m: evaluate(m, d.dir, d.batch_size))
         if cfg.stories:
             result["stories"] = suite(Path(d.dir).expanduser() / "val.bin")
     print(json.dumps(result))

@@ -69,6 +69,7 @@ from slm.checkpoint import load_model, load_tokenizer
 from slm.config import compose, resolve_inference, typed_text
 from slm.engine import Engine, Event, QueueFull
 from slm.engine import Request as Job
+from slm.weights import pack
 
 log = logging.getLogger("slm.serve")
 
@@ -284,7 +285,9 @@ def _int(cfg: DictConfig, key: str, low: int, high: int | None = None, null: boo
 def build(cfg: DictConfig) -> tuple[FastAPI, Engine]:
     """The app and its engine (started: compiled and ready) for a ``conf/serve.yaml`` config;
     a one-line ``ConfigError`` (or ``CheckpointError``) for the first bad value."""
-    device, compile = resolve_inference(cfg, "python -m slm.serve ckpt=PATH (a slm.pt or .ckpt)")
+    device, compile, weights = resolve_inference(
+        cfg, "python -m slm.serve ckpt=PATH (a slm.pt or .ckpt)"
+    )
     max_batch = _int(cfg, "max_batch", 1, 1024)
     max_queue = _int(cfg, "limits.max_queue", 1)
     max_tokens = _int(cfg, "limits.max_tokens", 1)
@@ -301,7 +304,7 @@ def build(cfg: DictConfig) -> tuple[FastAPI, Engine]:
             "api_key is set but empty (SLM_API_KEY=''?): set a key, or unset it to serve "
             "without one"
         )
-    model = load_model(cfg.ckpt, device)
+    model = pack(load_model(cfg.ckpt, device), weights)
     tokenizer = load_tokenizer(cfg.ckpt)
     block = model.config.block_size
     if max_prompt_tokens is None:
@@ -356,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"serving '{cfg.model_name}' ({model.num_params()['total'] / 1e6:.1f}M parameters, "
         f"block_size {model.config.block_size}) on {device}, max_batch {engine.max_batch}, "
-        f"compile {engine.compile}: ready in {time.perf_counter() - t0:.1f} s\n"
+        f"{model.weights} weights, compile {engine.compile}: ready in "
+        f"{time.perf_counter() - t0:.1f} s\n"
         f"  playground  http://{host}:{port}/\n  API         http://{host}:{port}/v1"
         + ("  (Authorization: Bearer <api_key>)" if cfg.api_key else ""),
         file=sys.stderr,

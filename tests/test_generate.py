@@ -13,7 +13,7 @@ import tiktoken
 import torch
 from conftest import STORY_BLOCK, generate_cli, greedy, reference, template_stories
 
-from slm import tokenizer
+from slm import sample, tokenizer
 from slm.checkpoint import load_checkpoint, load_model
 from slm.config import compose
 from slm.errors import CheckpointError
@@ -232,6 +232,27 @@ def test_a_model_of_another_tokenizer_starts_and_stops_at_its_own_eot():
         generate(toy, [], 3)
 
 
+@pytest.mark.parametrize("every", [3, 16])
+def test_tokens_read_every_few_steps_give_the_same_stories(story_model, monkeypatch, every):
+    """As on an accelerator (``sync_every``): the tokens read on the host every few steps, not
+    every step. The same stories, ended at the same tokens (EOT and max_new_tokens), the
+    greedy ones and the seeded samples."""
+    prompt = tokenizer.encode("Tom had a")
+    cases = [dict(temperature=0, num_samples=2), dict(temperature=1.0, top_k=20, num_samples=3)]
+
+    def stories() -> list:
+        return [
+            generate(story_model, prompt, n, generator=torch.Generator().manual_seed(7), **kw)
+            for kw in cases
+            for n in (5, 100)
+        ]
+
+    expected = stories()
+    assert any(len(s) < 100 for batch in expected for s in batch)  # some end at EOT
+    monkeypatch.setattr(sample, "sync_every", lambda device: every)
+    assert stories() == expected
+
+
 def test_empty_prompt_starts_from_eot(story_model):
     assert greedy(story_model, [], 30) == greedy(story_model, [EOT_ID], 30)
     assert generate(story_model, [], 0) == [[]]
@@ -403,7 +424,13 @@ def test_cli_without_the_bpe_files_offline(ckpts, monkeypatch, capsys):
 def test_cli_generates(ckpts, story_model, capsys):
     cfg = compose(
         "generate",
-        [f"ckpt={ckpts['ckpt']}", "prompt=Tom had a", "temperature=0", "num_samples=2"],
+        [
+            f"ckpt={ckpts['ckpt']}",
+            "prompt=Tom had a",
+            "temperature=0",
+            "num_samples=2",
+            "weights=fp32",
+        ],  # the fp32 model's stories
     )
     assert generate_cli().run(cfg) == 0
     out, err = capsys.readouterr()
@@ -419,7 +446,7 @@ def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, story_model, c
     ids = tokenizer.encode(prompt)
     kept = tokenizer.decode(ids[-BLOCK:])
     cfg = compose("generate", [f"ckpt={ckpts['pt']}", f'prompt="{prompt}"', "temperature=0",
-                               "num_samples=1", "max_new_tokens=8"])  # fmt: skip
+                               "num_samples=1", "max_new_tokens=8", "weights=fp32"])  # fmt: skip
     assert generate_cli().run(cfg) == 0
     out, err = capsys.readouterr()
     assert err.splitlines()[0] == (
@@ -434,13 +461,15 @@ def test_cli_says_how_much_of_a_long_prompt_the_model_sees(ckpts, story_model, c
 
 @pytest.mark.slow
 def test_cli_compiled(ckpts, story_model, capsys):
-    overrides = [f"ckpt={ckpts['pt']}", "prompt=Tom had a", "temperature=0", "num_samples=3"]
+    overrides = [f"ckpt={ckpts['pt']}", "prompt=Tom had a", "temperature=0", "num_samples=3",
+                 "weights=fp32"]  # fmt: skip
     assert generate_cli().run(compose("generate", overrides)) == 0
     eager, _ = capsys.readouterr()
     assert generate_cli().run(compose("generate", overrides + ["compile=true"])) == 0
     out, err = capsys.readouterr()
     assert out == eager
-    assert "tokens/s) on cpu, compiled (compile " in err and "s, once per process)" in err
+    assert "tokens/s) on cpu, fp32 weights, compiled (compile " in err
+    assert "s, once per process)" in err
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -471,6 +500,7 @@ def test_cli_streams_multibyte_characters(monkeypatch, capsys):
     cli = generate_cli()
     written = []
     monkeypatch.setattr(cli, "load_model", lambda path, device: Scripted([ids]))
+    monkeypatch.setattr(cli, "pack", lambda model, weights: model)  # a stand-in, not a GPT
     monkeypatch.setattr(cli, "load_tokenizer", lambda path: tokenizer.gpt2())
     monkeypatch.setattr(sys.stdout, "write", lambda s: written.append(s) or len(s))
     cfg = compose("generate", ["ckpt=any.pt", "prompt=Look:", "num_samples=1", "temperature=0"])

@@ -79,7 +79,8 @@ def _serving(app):
 def story(story_model, tmp_path_factory):
     """(base URL, engine) of the story server."""
     ckpt = _save(story_model, tmp_path_factory.mktemp("story") / "slm.pt")
-    app, engine = build(compose("serve", [f"ckpt={ckpt}", "device=cpu", "api_key=null"]))
+    overrides = [f"ckpt={ckpt}", "device=cpu", "api_key=null", "weights=fp32"]  # generate's
+    app, engine = build(compose("serve", overrides))
     try:
         with _serving(app) as url:
             yield url, engine
@@ -92,6 +93,7 @@ def guarded(rope_model, tmp_path_factory):
     """(base URL, engine) of the small, guarded server."""
     ckpt = _save(rope_model, tmp_path_factory.mktemp("guarded") / "slm.pt")
     overrides = [f"ckpt={ckpt}", "device=cpu", f"api_key={KEY}", "model_name=tiny-rope"]
+    overrides += ["weights=fp32"]  # the tokens of generate() on the fp32 model
     overrides += ["max_batch=2", "limits.max_queue=1", "limits.max_tokens=100000"]
     overrides += ["limits.max_body_bytes=2000", "limits.max_prompt_tokens=20"]
     app, engine = build(compose("serve", overrides))

@@ -435,7 +435,8 @@ def test_bpe_fit_loss_falls_resumes_exactly_and_generates(bpe_run, v2_txt, tmp_p
     shutil.move(data, moved)
     try:
         cfg = compose("generate", [f"ckpt={pt}", "prompt=Once upon a time", "temperature=0",
-                                   "num_samples=1", "max_new_tokens=20"])  # fmt: skip
+                                   "num_samples=1", "max_new_tokens=20",
+                                   "weights=fp32"])  # fmt: skip
         assert cli.run(cfg) == 0
     finally:
         shutil.move(moved, data)
