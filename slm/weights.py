@@ -7,7 +7,8 @@ weights read per token. ``pack(model, fmt)`` stores the matmul weights (every ``
 one fp32 scale per output channel (1 byte: symmetric, ``w ~ q * scale``, ``q`` in [-127, 127]).
 Activations, norms, the position embedding and the KV cache stay in the model's precision
 (fp32 on a CPU, autocast's dtype on CUDA): the formats change what is read, not what is
-computed. A tied ``lm_head`` and token embedding stay one tensor.
+computed. A tied ``lm_head`` and token embedding stay one tensor (in oneDNN's layout,
+below, the ``lm_head`` holds its own copy: the embedding reads plain rows).
 
 How each matmul runs (``PackedLinear``; docs/design.md and benchmarks/README.md say why):
 
@@ -15,6 +16,10 @@ How each matmul runs (``PackedLinear``; docs/design.md and benchmarks/README.md 
   as a reduction, ``(w.float() * x).sum(-1) * scale``, which inductor turns into one loop that
   streams the weight (a matmul library's one-row product read fp32 at under half the
   memory's speed here, and torch's int8 kernels slower still);
+- bf16 on a CPU whose oneDNN computes in it (``onednn_bf16``): oneDNN's matmul on the weight
+  stored once, at load, in oneDNN's own blocked layout (the layout inductor's weight freezing
+  uses), eager and compiled, at every batch size: its one-row product then reads at the
+  memory's speed, where the plain layout reads at under half of it;
 - otherwise bf16/fp16 as the weights' own matmul (the input cast to it), and int8 as a matmul
   with the weight cast to the input's dtype, the per-channel scale applied to the output (it
   factors out of each dot product): correct, and the slow path for int8 (it makes a cast copy
@@ -44,6 +49,31 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def onednn_bf16(device: torch.device) -> bool:
+    """Whether a bf16 matmul weight on ``device`` goes into oneDNN's blocked layout: on a CPU
+    where torch's oneDNN computes in bf16 (AVX512 or AMX; a CPU without them keeps the plain
+    layout and torch's matmul)."""
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+@torch.library.custom_op("slm::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x @ W.T`` with ``W`` in oneDNN's blocked layout (``torch.ops.mkldnn``'s ops, as
+    inductor's weight freezing uses them). An op of its own for ``torch.compile``: inductor
+    lowers oneDNN's linear only for weights frozen into the graph, and here the weights are
+    the model's buffers, shared by every graph of the step."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 def _store(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``w`` in ``fmt``: the stored tensor, and the int8 scale (None otherwise)."""
     if fmt == "int8":
@@ -56,13 +86,24 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias=None) -> None:
         super().__init__()
+        self.out_features = weight.size(0)
+        # a flag, not the tensor's layout: torch.compile's fake tensors do not carry that
+        self.onednn = weight.dtype == torch.bfloat16 and onednn_bf16(weight.device)
+        if self.onednn:  # tuned for decoding's one row (any batch size works)
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, scale = self.weight, self.scale
-        if torch.compiler.is_compiling() and x.numel() == x.size(-1) and self.streamed(x):
+        if self.onednn:  # bf16 in oneDNN's layout
+            x16 = x.to(w.dtype).contiguous()
+            if torch.compiler.is_compiling():
+                y = onednn_linear(x16, w, self.out_features)
+            else:  # the op itself: no custom op's dispatch per call
+                y = torch.ops.mkldnn._linear_pointwise(x16, w, None, "none", [], "")
+        elif torch.compiler.is_compiling() and x.numel() == x.size(-1) and self.streamed(x):
             y = (w.to(torch.float32) * x.reshape(1, -1)).sum(-1).reshape(*x.shape[:-1], -1)
         elif scale is None and w.dtype != x.dtype:
             y = F.linear(x.to(w.dtype), w)  # bf16 / fp16 weights: their own matmul
@@ -109,7 +150,7 @@ def pack(model: nn.Module, fmt: str) -> nn.Module:
     model.lm_head = PackedLinear(weight, scale)
     if not tied:
         weight, scale = _store(t.wte.weight, fmt)
-    t.wte = PackedEmbedding(weight, scale)  # tied: the lm_head's tensors, read by row
+    t.wte = PackedEmbedding(weight, scale)  # tied: the lm_head's values, read by row
     for block in t.h:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
@@ -137,23 +178,23 @@ def weight_bytes(model: nn.Module) -> int:
 
 @functools.cache
 def fastest_on_cpu() -> str:
-    """fp32, bf16 or fp16, whichever multiplies a decode step's weights fastest on this CPU:
-    a (1024 -> 16384) matmul (64 MB in fp32, more than a cache holds) at batch 1 and at batch
-    8, the best of 5 of each, their sum (about 0.2 s, once per process). CPUs differ: with
-    native bf16 (AVX512-BF16, AMX) or without, and in their fp16 kernels, which can be fast at
-    batch 1 and slow at batch 8 (seen here)."""
+    """fp32, bf16 or fp16, whichever multiplies a decode step's weights fastest on this CPU,
+    each as ``PackedLinear`` runs it eagerly: a (1024 -> 16384) matmul (64 MB in fp32, more
+    than a cache holds) at batch 1 and at batch 8, the best of 5 of each, their sum (about
+    0.2 s, once per process). CPUs differ: with native bf16 (AVX512-BF16, AMX) or without, and
+    in their fp16 kernels, which can be fast at batch 1 and slow at batch 8 (seen here)."""
     w = torch.randn(16384, 1024) * 0.02
     cost = {}
     for fmt in ("bf16", "fp16", "fp32"):  # ties go to the first: a half precision
-        wd = w.to(DTYPES[fmt])
+        linear = PackedLinear(*_store(w, fmt))
         cost[fmt] = 0.0
         for batch in (1, 8):
-            x = torch.randn(batch, 1024, dtype=DTYPES[fmt])
-            F.linear(x, wd)
+            x = torch.randn(batch, 1024)
+            linear(x)
             times = []
             for _ in range(5):
                 t0 = time.perf_counter()
-                F.linear(x, wd)
+                linear(x)
                 times.append(time.perf_counter() - t0)
             cost[fmt] += min(times)
     return min(cost, key=cost.get)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import reference, template_stories
 
-from slm import decode, precision, tokenizer
+from slm import decode, precision, tokenizer, weights
 from slm.checkpoint import load_model, save_slm_pt
 from slm.engine import Engine, Request
 from slm.errors import CheckpointError
@@ -21,7 +21,7 @@ from slm.export import export
 from slm.model import GPT
 from slm.sample import generate
 from slm.stories import complete_batch
-from slm.weights import FORMATS, pack, quantize, resolve, weight_bytes
+from slm.weights import FORMATS, PackedLinear, onednn_bf16, pack, quantize, resolve, weight_bytes
 
 TOK = tokenizer.gpt2()
 HALVES = ("bf16", "fp16", "int8")
@@ -58,10 +58,37 @@ def test_packing_stores_the_bytes_it_says(story_model, packed):
     for fmt, ratio in (("bf16", 2), ("fp16", 2), ("int8", 4)):  # int8: + a scale per row
         assert fp32 / ratio <= weight_bytes(packed[fmt]) <= 1.15 * fp32 / ratio, fmt
         m = packed[fmt]
-        assert m.lm_head.weight is m.transformer.wte.weight  # tied: one table
-        assert m.lm_head.weight.dtype == (torch.int8 if fmt == "int8" else getattr(torch, {
+        table = m.transformer.wte.weight
+        if m.lm_head.onednn:  # bf16 in oneDNN's layout: the embedding keeps rows
+            x = torch.randn(3, m.config.n_embd)
+            assert torch.equal(m.lm_head(x), F.linear(x.bfloat16(), table).float())
+        else:
+            assert m.lm_head.weight is table  # tied: one table
+        assert table.dtype == (torch.int8 if fmt == "int8" else getattr(torch, {
             "bf16": "bfloat16", "fp16": "float16"}[fmt]))  # fmt: skip
-        assert m.transformer.h[0].attn.c_attn.weight.dtype == m.lm_head.weight.dtype
+        assert m.transformer.h[0].attn.c_attn.weight.dtype == table.dtype == m.lm_head.weight.dtype
+
+
+@pytest.mark.skipif(not onednn_bf16(torch.device("cpu")), reason="oneDNN computes no bf16 here")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_in_onednns_layout_is_the_plain_bf16_matmul(monkeypatch, compiled):
+    """bf16 weights stored in oneDNN's blocked layout (torch.ops.mkldnn's reorder and linear,
+    which slm relies on) give exactly the plain bf16 matmul, eager and compiled, at decoding's
+    and evaluation's shapes, with a bias; and a CPU without oneDNN's bf16 keeps the plain one."""
+    w, b = torch.randn(300, 64) * 0.05, torch.randn(300)
+    fast = PackedLinear(w.bfloat16(), None, b)
+    monkeypatch.setattr(weights, "onednn_bf16", lambda device: False)
+    plain = PackedLinear(w.bfloat16(), None, b)
+    assert fast.onednn and fast.weight.is_mkldnn and not plain.onednn
+    run = (
+        torch.compile(lambda m, x: m(x) * 2, fullgraph=True)
+        if compiled
+        else (lambda m, x: m(x) * 2)
+    )
+    for shape in ((1, 1, 64), (8, 1, 64), (2, 17, 64)):  # decoding's and evaluation's
+        x = torch.randn(shape)
+        want = 2 * (F.linear(x.bfloat16(), w.bfloat16()) + b)
+        assert torch.equal(run(fast, x), want) and torch.equal(run(plain, x), want), shape
 
 
 def test_int8_rows_are_symmetric_per_channel():
