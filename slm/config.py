@@ -17,7 +17,6 @@ from slm.optim import OPTIMIZERS
 from slm.precision import default_precision, resolve_device
 from slm.strategy import check_strategy
 from slm.tokenizer import check_config as check_tokenizer_config
-from slm.weights import FORMATS
 from slm.weights import resolve as resolve_weights
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -304,11 +303,8 @@ def resolve_inference(cfg: DictConfig, usage: str, compiles: bool = True) -> Inf
         raise ConfigError(f"ckpt is required: {usage}")
     if compiles and cfg.compile != "auto" and not isinstance(cfg.compile, bool):
         raise ConfigError(f"compile={cfg.compile} must be auto, true or false")
-    weights = cfg.get("weights", "fp32")
-    if weights not in FORMATS:
-        raise ConfigError(f"weights={weights} is not one of {', '.join(FORMATS)}")
     device = resolve_device(cfg.device)
-    weights = resolve_weights(weights, device)
+    weights = resolve_weights(cfg.get("weights", "fp32"), device)
     compile = cfg.compile if cfg.compile != "auto" else device.type == "cuda" or weights == "int8"
     return Inference(device, compiles and compile, weights)
 

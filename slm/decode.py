@@ -54,8 +54,9 @@ def buckets(rows: int) -> list[int]:
 
 
 def _step(model, tok: torch.Tensor, cache, pos: int | torch.Tensor, span: int) -> torch.Tensor:
-    """Logits (B, V) of one token per row, ``tok`` (B, 1), at cache slot ``pos`` (an int for
-    every row, or (B,), a slot per row), attending over the first ``span`` slots."""
+    """Logits (B, V) of the last of ``tok``'s (B, T) tokens per row, written from cache slot
+    ``pos`` on (an int for every row, or (B,), a slot per row), attending over the first
+    ``span`` slots: the decode step (T = 1) and, eager, a prefill (``pos`` 0, ``span`` T)."""
     return model(tok, cache=cache, pos=pos, span=span, last_only=True)[0][:, -1]
 
 
@@ -123,6 +124,9 @@ class Decoder:
         self.rows, self.compile = rows, compile
         self.cache = model.new_cache(rows, dtype) if cache else None
         self.full_span = static_shapes(self.device)
+        # The token of rows that do not decode (and of warm_up): <|endoftext|>, where the vocab
+        # holds it (a toy model's may not).
+        self.filler = self.config.eot_id if self.config.eot_id < self.config.vocab_size else 0
         self.sizes = sorted(sizes or buckets(rows)) if compile else []
         self.step_fn = compiled_step(self.device) if compile else _step
         # A compiled step (a CUDA graph) reads and writes its cache at fixed addresses: one
@@ -187,15 +191,14 @@ class Decoder:
         if step:
             self._step(step)
 
-    def warm_up(self, sizes: Sequence[int] | None = None) -> None:
-        """Compile (and on CUDA capture) the step for each batch size of ``sizes`` (default:
-        all): three steps each, at three positions (dynamo and inductor compile on the first,
-        CUDA graphs record on the second and replay from the third; on a CPU the second
-        makes the filled length a dynamic size)."""
-        start = self.config.eot_id if self.config.eot_id < self.config.vocab_size else 0
+    def warm_up(self) -> None:
+        """Compile (and on CUDA capture) the step for each batch size of ``sizes``: three
+        steps each, at three positions (dynamo and inductor compile on the first, CUDA graphs
+        record on the second and replay from the third; on a CPU the second makes the filled
+        length a dynamic size)."""
         with self.running():
-            for b in sizes or self.sizes:
-                tok = torch.full((b, 1), start, dtype=torch.long, device=self.device)
+            for b in self.sizes:
+                tok = torch.full((b, 1), self.filler, dtype=torch.long, device=self.device)
                 for p in range(3):
                     self.pos[b].fill_(p)
                     torch.compiler.cudagraph_mark_step_begin()
@@ -209,7 +212,7 @@ class Decoder:
     def _prefill(self, seq: Seq) -> torch.Tensor:
         """One forward over ``seq``'s window into its rows (slots 0 ..): the last logits."""
         cache = self._rows(seq) if self.cache is not None else None
-        return self.model(seq.window, cache=cache, pos=0, last_only=True)[0][:, -1]
+        return _step(self.model, seq.window, cache, 0, seq.length)
 
     def _compact(self) -> None:
         """Drop the removed groups; move the rows after them down (in row order: rows only
@@ -244,12 +247,18 @@ class Decoder:
             tok, pos = pairs[0][1], None  # every row at slot top
         else:
             tok, pos = self._batch(pairs, size)
-        cache = self.views.get(size) or self.cache.rows(0, size)
+        if size in self.views:
+            cache = self.views[size]
+        else:  # eager: the whole cache, or the rows of the step
+            cache = self.cache if size == self.rows else self.cache.rows(0, size)
         where = self.pos.get(size)
         if pos is None and not self.compile and not self.full_span:
             where = top  # every row at the same slot: written and read as a slice, no mask
+        elif where is None and pos is None:  # filled on the device: no copy from the host
+            # (a stream sync on CUDA) per token
+            where = torch.full((size,), top, dtype=torch.long, device=self.device)
         elif where is None:
-            where = torch.tensor(pos or [top] * size, dtype=torch.long, device=self.device)
+            where = torch.tensor(pos, dtype=torch.long, device=self.device)
         elif pos is None:
             where.fill_(top)  # a device-side write: no copy from the host
         else:
@@ -264,8 +273,7 @@ class Decoder:
         """The step's tokens (size,) and each row's slot: the new token's for the rows of
         ``pairs``, a dummy past the filled ones for the others. Slots None: all the same."""
         block = self.config.block_size
-        fill = self.config.eot_id if self.config.eot_id < self.config.vocab_size else 0
-        tok = torch.full((size,), fill, dtype=torch.long, device=self.device)
+        tok = torch.full((size,), self.filler, dtype=torch.long, device=self.device)
         pos = [0] * size
         for seq in self.seqs:
             pos[seq.row : seq.row + seq.n] = [min(seq.length, block - 1)] * seq.n

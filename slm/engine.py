@@ -128,7 +128,7 @@ class SampleText:
 
 
 class Engine:
-    """The continuous batch of ``model`` (in eval mode, on its device): ``start()``, then
+    """The continuous batch of ``model`` (on its device, run in eval mode): ``start()``, then
     ``submit`` requests from any thread and ``cancel`` them; ``close()`` at the end.
 
     ``max_batch`` rows are decoded together at most; up to ``max_queue`` requests wait for
@@ -149,11 +149,8 @@ class Engine:
                 f"the tokenizer's eot_id={tokenizer.eot_id} is outside the model's "
                 f"vocab_size={config.vocab_size}"
             )
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.max_batch, self.max_queue, self.compile = max_batch, max_queue, compile
+        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
         self.decoder = Decoder(model, max_batch, compile=compile)
-        self.device = self.decoder.device
         self.running: list[Request] = []  # in row order
         self.waiting: collections.deque[Request] = collections.deque()
         self.peak_rows = 0  # the most rows one step decoded
@@ -235,6 +232,18 @@ class Engine:
             self._fail(r, "the server is shutting down")
         self.running.clear()
         self.waiting.clear()
+
+    @property
+    def max_batch(self) -> int:
+        return self.decoder.rows
+
+    @property
+    def compile(self) -> bool:
+        return self.decoder.compile
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
 
     @property
     def rows_in_use(self) -> int:

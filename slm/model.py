@@ -108,10 +108,6 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
 
-    @property
-    def batch(self) -> int:
-        return self.k[0].size(0)
-
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows ``start:stop`` as a cache of their own: views, so what is written lands here."""
         view = KVCache.__new__(KVCache)
@@ -394,11 +390,9 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits[..., :V], loss
 
-    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty ``KVCache`` of ``batch`` rows on the model's device (in ``dtype``, by
-        default the parameters')."""
-        p = next(self.parameters())
-        return KVCache(self.config, batch, p.device, dtype or p.dtype)
+    def new_cache(self, batch: int, dtype: torch.dtype) -> KVCache:
+        """An empty ``KVCache`` of ``batch`` rows in ``dtype`` on the model's device."""
+        return KVCache(self.config, batch, next(self.parameters()).device, dtype)
 
     def shift_cache(self, cache: KVCache, filled: int, keep: int) -> None:
         """Of the ``filled`` positions of ``cache`` (every row), keep the newest ``keep``,

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slm.errors import ConfigError
 from slm.precision import default_precision
 
 FORMATS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -170,7 +171,7 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(module, (nn.Embedding, PackedEmbedding)):
             continue
         for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            if t is not None and t.dim() >= 1 and t.numel() < 2**40:
+            if t.dim() >= 1:
                 tensors[id(t)] = t
     rope = {id(b) for name, b in model.named_buffers() if name.startswith("rope_")}
     return sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in rope)
@@ -204,9 +205,10 @@ def resolve(fmt: str, device: torch.device) -> str:
     """The format ``weights=fmt`` means on ``device``: ``auto`` is the half precision the
     device computes best (CUDA: bf16 on compute capability >= 8.0, else fp16, as training's
     precision; MPS: fp16; a CPU: ``fastest_on_cpu``); the others are themselves. int8 is never
-    chosen for you: it costs a little quality (benchmarks/README.md)."""
+    chosen for you: it costs a little quality (benchmarks/README.md). A ``ConfigError`` for
+    a format not in ``FORMATS``."""
     if fmt not in FORMATS:
-        raise ValueError(f"weights={fmt} is not one of {', '.join(FORMATS)}")
+        raise ConfigError(f"weights={fmt} is not one of {', '.join(FORMATS)}")
     if fmt != "auto":
         return fmt
     if device.type == "cuda":
