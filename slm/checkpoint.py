@@ -141,10 +141,16 @@ def read_sharded_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", {})
 
 
+def run_dir_of(ckpt: Path) -> Path:
+    """The training run a checkpoint belongs to: slm.pt's folder, or the one above
+    ``checkpoints/`` for a Lightning .ckpt."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def recorded_data_dir(path: str | Path) -> Path | None:
     """The data dir that the run of the checkpoint ``path`` trained on, where it is recorded:
     a Lightning ``.ckpt`` (or sharded folder) records it (``TokenDataModule``'s ``dir``);
-    beside an ``slm.pt`` are its run's ``checkpoints/last.ckpt`` and ``.hydra/config.yaml``
+    else its run (``run_dir_of``) does, in ``checkpoints/last.ckpt`` or ``.hydra/config.yaml``
     (``data.dir``, relative to where ``train.py`` ran: ``.hydra/hydra.yaml``'s
     ``hydra.runtime.cwd``). None where none of them does."""
     path = Path(path).expanduser()
@@ -152,7 +158,7 @@ def recorded_data_dir(path: str | Path) -> Path | None:
         return None
     found = _datamodule_dir(path)
     if found is None and path.is_file():
-        run = path.parent
+        run = run_dir_of(path)
         found = _datamodule_dir(run / "checkpoints" / "last.ckpt") or _hydra_data_dir(run)
     return found
 

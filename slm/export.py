@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from slm import files, gguf, tokenizer
-from slm.checkpoint import load_model, load_tokenizer
+from slm.checkpoint import load_model, load_tokenizer, run_dir_of
 from slm.errors import CheckpointError, ConfigError, SlmError, describe, run_cli
 from slm.hf import FAMILIES, hf_family, require, write_model_dir
 from slm.model import GPTConfig
@@ -100,12 +100,6 @@ def _export_gguf(model, tok: Tokenizer, out: Path, overwrite: bool, gguf_type: s
             "space or choose another path"
         ) from e
     return out
-
-
-def run_dir_of(ckpt: Path) -> Path:
-    """The training run a checkpoint belongs to: slm.pt's folder, or the one above
-    ``checkpoints/`` for a Lightning .ckpt."""
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
 def model_card(

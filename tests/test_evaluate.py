@@ -13,6 +13,7 @@ import tiktoken
 import torch
 
 from slm import tokenizer
+from slm.checkpoint import recorded_data_dir
 from slm.errors import DataError
 from slm.evaluate import bits_per_byte, evaluate, main
 from slm.model import GPT, GPTConfig
@@ -217,6 +218,18 @@ def test_a_run_s_checkpoint_is_scored_on_the_data_dir_its_run_recorded(
         said = f"data.dir={data} (where the run of {ckpt} trained; data.dir=DIR for another)"
         assert said in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_a_ckpt_in_checkpoints_without_the_datamodule_s_state_takes_its_run_s_hydra(tmp_path):
+    """RUN/checkpoints/best.ckpt that records no data dir: its run is RUN (not checkpoints/),
+    whose .hydra/config.yaml records data.dir."""
+    run = tmp_path / "outputs" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    torch.save({"hyper_parameters": {}, "state_dict": {}}, run / "checkpoints" / "best.ckpt")
+    (run / ".hydra" / "config.yaml").write_text("data:\n  dir: data/mine\n")
+    (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {tmp_path}\n")
+    assert recorded_data_dir(run / "checkpoints" / "best.ckpt") == tmp_path / "data" / "mine"
 
 
 def test_a_checkpoint_that_records_no_data_dir_takes_the_default(
