@@ -47,6 +47,7 @@ import torch
 from common import cpu_name
 from omegaconf import OmegaConf
 
+from slm.checkpoint import save_slm_pt
 from slm.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +173,7 @@ def main() -> None:
     body |= {"stream_options": {"include_usage": True}, **sampling}
     with tempfile.TemporaryDirectory(prefix="slm-bench-serve-") as tmp:
         ckpt = Path(tmp) / "slm.pt"
-        torch.save({"model_args": config.to_dict(), "model": model.state_dict()}, ckpt)
+        save_slm_pt(ckpt, config, model.state_dict(), step=0)
         args.n_ctx = config.block_size
         if args.server == "llama.cpp":
             from slm import gguf, tokenizer

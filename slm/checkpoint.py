@@ -84,7 +84,13 @@ def load_checkpoint(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     path = Path(path)
     if is_hf_dir(path):
         return read_hf(path)
-    obj = read(path)
+    return model_of(read(path), path)
+
+
+def model_of(obj: dict, path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The model config and GPT state dict in ``obj``, what ``read(path)`` returned: for a
+    caller that takes more of the file than the model (``load_checkpoint`` takes only it)."""
+    path = Path(path)
     if is_sharded_checkpoint(path) and "hyper_parameters" in obj:
         obj["state_dict"] = read_sharded_weights(path)
     if isinstance(obj, dict) and "model_args" in obj and "model" in obj:  # slm.pt

@@ -128,15 +128,6 @@ def tokenized_text(source: str, tokenizer: Tokenizer | None = None) -> Iterator[
         yield path, stats
 
 
-def evaluate_text(
-    model: GPT, source: str, batch_size: int = 32, tokenizer: Tokenizer | None = None
-) -> dict:
-    """``score`` over every story of ``source`` (any ``data.source``), tokenized with
-    ``tokenizer`` (the model's; gpt2 where None) into a temporary file."""
-    with tokenized_text(source, tokenizer) as (path, stats):
-        return score(model, path, stats["tokens"], stats["bytes"], batch_size, f"text={source}")
-
-
 def with_weights(model: GPT, weights: str, measure: Callable[[GPT], dict]) -> dict:
     """``measure(model)`` with its weights in ``weights`` (``slm.weights``): another format
     than fp32 is measured beside fp32 on the same text, ``"fp32"`` holding those numbers and

@@ -16,9 +16,11 @@ f32, f16, q8_0). Needs the ``gguf`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -46,8 +48,10 @@ def export(
     ``gguf_type`` f32, f16 or q8_0). Either is built under a temporary name next to ``out``
     and renamed at the end: on any error ``out`` is left as it was. An existing ``out`` (a
     non-empty directory, a file) needs ``overwrite``."""
-    if format not in FORMATS:
+    if format not in FORMATS:  # both before the checkpoint is read
         raise ConfigError(f"format={format} is not one of {', '.join(FORMATS)}")
+    if format == "gguf":
+        gguf.check_type(gguf_type)
     ckpt, out = Path(ckpt).expanduser(), Path(out).expanduser()
     model = load_model(ckpt)  # CheckpointError: missing, foreign, truncated, inconsistent
     tok = load_tokenizer(ckpt)
@@ -57,7 +61,7 @@ def export(
             f"{ckpt}: the model's vocab_size={c.vocab_size}, eot_id={c.eot_id} are not those of "
             f"its tokenizer, {tok.describe()} ({tok.vocab_size}, {tok.eot_id})"
         )
-    family = hf_family(c)
+    family = hf_family(c)  # a model that no family computes: refused before out is looked at
     if format == "gguf":
         return _export_gguf(model, tok, out, overwrite, gguf_type)
     if out.exists() and not out.is_dir():
@@ -73,33 +77,33 @@ def export(
             f"out={out}: cannot write in {out.parent} ({e.strerror}); choose a directory you "
             "can write"
         ) from e
-    try:
-        with new as tmp:
-            params = write_model_dir(tmp, model, tok)
-            (tmp / "README.md").write_text(model_card(ckpt, c, family, params, out.name, tok))
-    except OSError as e:  # a full disk, a mount turned read-only: out is as it was
-        raise SlmError(
-            f"out={out}: writing failed ({describe(e)}); nothing was written to {out}, free "
-            "space or choose another directory"
-        ) from e
+    with _written_whole(out, "directory"), new as tmp:
+        params = write_model_dir(tmp, model, tok)
+        (tmp / "README.md").write_text(model_card(ckpt, c, family, params, out.name, tok))
     return out
 
 
 def _export_gguf(model, tok: Tokenizer, out: Path, overwrite: bool, gguf_type: str) -> Path:
-    gguf.check_type(gguf_type)
     if out.is_dir():
         raise ConfigError(f"out={out} is a directory; format=gguf writes one file: pass FILE.gguf")
     if out.exists() and not overwrite:
         raise ConfigError(f"out={out} exists; pass overwrite=true to replace it")
-    gguf.require_gguf()
-    try:
+    with _written_whole(out, "path"):
         gguf.write(out, model, tok, gguf_type)
-    except OSError as e:  # a full disk, a read-only folder: out is as it was
+    return out
+
+
+@contextlib.contextmanager
+def _written_whole(out: Path, kind: str) -> Iterator[None]:
+    """An ``OSError`` in the block (a full disk, a folder turned read-only), where ``out`` is
+    still as it was, as a one-line ``SlmError``; ``kind``: what to choose instead."""
+    try:
+        yield
+    except OSError as e:
         raise SlmError(
             f"out={out}: writing failed ({describe(e)}); nothing was written to {out}, free "
-            "space or choose another path"
+            f"space or choose another {kind}"
         ) from e
-    return out
 
 
 def model_card(
@@ -214,11 +218,9 @@ def main(argv: list[str] | None = None) -> Path:
         ) from None
     if not isinstance(cfg.overwrite, bool):
         raise ConfigError(f"overwrite={cfg.overwrite} must be true or false")
-    if cfg.format not in FORMATS:
-        raise ConfigError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
-    if cfg.format == "hf" and cfg.gguf_type is not None:
+    if cfg.format == "hf" and cfg.gguf_type is not None:  # export checks format and gguf_type
         raise ConfigError(f"gguf_type={cfg.gguf_type} is for format=gguf; add format=gguf")
-    gguf_type = gguf.check_type(cfg.gguf_type or "f32")
+    gguf_type = cfg.gguf_type or "f32"
     path = export(str(ckpt), str(out), cfg.overwrite, cfg.format, gguf_type)
     if cfg.format == "gguf":
         size = path.stat().st_size / 1e6

@@ -29,8 +29,10 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def _replace(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)``, then ``tmp`` renamed onto ``path`` (its folder made where missing)."""
+def write_with(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` writes the file under a temporary name, renamed onto ``path`` once it
+    is whole (its folder made where missing): each writer here, and one that wants a path of
+    its own (a ``.gguf``)."""
     path = Path(path)
     tmp = temp_name(path)
     try:
@@ -48,19 +50,13 @@ def _replace(path: str | Path, write: Callable[[Path], Any]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def write_with(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` writes the file under a temporary name, renamed onto ``path`` once it
-    is whole: for writers that want a path of their own (a ``.gguf``)."""
-    _replace(path, write)
-
-
 def write_text(path: str | Path, text: str) -> None:
     """``text`` (UTF-8) into ``path``, atomically."""
-    _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
-    _replace(path, lambda tmp: tmp.write_bytes(data))
+    write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -76,7 +72,7 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
-    _replace(path, write)
+    write_with(path, write)
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
@@ -92,7 +88,7 @@ def save_torch(path: str | Path, obj: Any) -> None:
         torch.save(obj, buffer)
         tmp.write_bytes(buffer.getbuffer())
 
-    _replace(path, write)
+    write_with(path, write)
 
 
 def read_json(path: str | Path) -> dict:

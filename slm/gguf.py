@@ -64,10 +64,11 @@ def interleave_heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, d // 2, *rest).transpose(1, 2).reshape(t.shape)
 
 
-def tensors(c: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The model's tensors as llama.cpp names and lays them out, float32, in file order."""
-    gguf = require_gguf()
-    family = hf.hf_family(c)
+def tensors(c: GPTConfig, state: dict[str, torch.Tensor], family: str) -> dict[str, np.ndarray]:
+    """The model's tensors (``family``'s: ``hf.hf_family``) as llama.cpp names and lays them
+    out, float32, in file order."""
+    import gguf  # the package, which write has required
+
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.upper()], c.n_layer)
     out = {}
     for hf_name, t in hf.to_hf(c, state, family, conv1d=False).items():
@@ -91,16 +92,16 @@ def tensor_type(name: str, shape: tuple[int, ...], gguf_type: str) -> str:
     return gguf_type
 
 
-def write(path: str | Path, model: GPT, tok: Tokenizer, gguf_type: str = "f32") -> int:
+def write(path: str | Path, model: GPT, tok: Tokenizer, gguf_type: str = "f32") -> None:
     """``model`` and ``tok`` as one GGUF file at ``path`` (written under a temporary name,
-    then renamed: ``slm.files``); returns the parameter count written. A model that llama.cpp
-    does not compute is a one-line ``ConfigError`` (``hf.hf_family``), before anything is
-    written; an ``OSError`` leaves ``path`` as it was."""
+    then renamed: ``slm.files``). A model that llama.cpp does not compute is a one-line
+    ``ConfigError`` (``hf.hf_family``), before anything is written; an ``OSError`` leaves
+    ``path`` as it was."""
     gguf = require_gguf()
     check_type(gguf_type)
     c = model.config
     family = hf.hf_family(c)
-    arrays = tensors(c, model.state_dict())
+    arrays = tensors(c, model.state_dict(), family)
     tokens, merges = tokenizer.byte_level_text(tok)
     types = [gguf.TokenType.NORMAL] * len(tokens)
     types[tok.eot_id] = gguf.TokenType.CONTROL
@@ -151,4 +152,3 @@ def write(path: str | Path, model: GPT, tok: Tokenizer, gguf_type: str = "f32") 
         w.close()
 
     files.write_with(path, save)
-    return sum(a.size for a in arrays.values())

@@ -211,10 +211,10 @@ def write_model_dir(directory: Path, model: GPT, tok: Tokenizer) -> int:
 SPLIT_SPECIAL = True
 
 
-def write_tokenizer(directory: str | Path, tok: Tokenizer, model_max_length: int) -> list[str]:
+def write_tokenizer(directory: str | Path, tok: Tokenizer, model_max_length: int) -> None:
     """``tok`` as Hugging Face tokenizer files in ``directory``, which
     ``AutoTokenizer.from_pretrained`` reads as a tokenizer that encodes and decodes as ``tok``
-    does; returns the names written. A BPE: its ``tokenizer.json`` (a fast tokenizer); gpt2:
+    does. A BPE: its ``tokenizer.json`` (a fast tokenizer); gpt2:
     GPT-2's own files (``GPT2Tokenizer``). ``<|endoftext|>`` is the bos and eos token, and a
     literal ``<|endoftext|>`` in a text is plain text (``split_special_tokens``), as slm
     encodes it and as the model saw it in training: give the token by its id
@@ -225,7 +225,6 @@ def write_tokenizer(directory: str | Path, tok: Tokenizer, model_max_length: int
         contents = _gpt2_files(tok, model_max_length)
     for name, text in contents.items():
         (Path(directory) / name).write_text(text, encoding="utf-8")
-    return list(contents)
 
 
 def _gpt2_files(tok: Tokenizer, model_max_length: int) -> dict[str, str]:

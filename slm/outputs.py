@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from slm import files, stories
 from slm.callbacks import RunHistory
-from slm.checkpoint import load_checkpoint, load_model, read, save_slm_pt
+from slm.checkpoint import load_model, model_of, read, save_slm_pt
 from slm.errors import SlmError, one_line
 from slm.module import GPTModule
 from slm.strategy import full_state_dict, is_sharded
@@ -76,8 +76,9 @@ def write_outputs(
     run_dir.mkdir(parents=True, exist_ok=True)
     if steps > 0:
         if has_best:
-            _, state = load_checkpoint(best_path)
-            best_step = read(best_path, mmap=True)["global_step"]
+            best_ckpt = read(best_path, mmap=True)  # the optimizer state mapped, never read
+            _, state = model_of(best_ckpt, best_path)
+            best_step = best_ckpt["global_step"]
         written = ["loss.png"]
         if state is not None:
             save_slm_pt(run_dir / "slm.pt", module.config, state, best_step, module.tokenizer)

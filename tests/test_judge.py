@@ -16,6 +16,7 @@ from conftest import cfg_with
 
 from slm import judge as jd
 from slm import stories
+from slm.checkpoint import save_slm_pt
 from slm.errors import ConfigError
 from slm.evaluate import main as evaluate_main
 from slm.model import GPT, GPTConfig
@@ -202,8 +203,7 @@ def prepared(tmp_path_factory):
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = GPT(config)
-        pt = {"model_args": config.to_dict(), "model": model.state_dict()}
-        torch.save(pt, d / f"m{seed}.pt")
+        save_slm_pt(d / f"m{seed}.pt", config, model.state_dict(), step=0)
     return d
 
 
@@ -249,8 +249,7 @@ def test_local_transformers_judge(prepared, tmp_path):
 
     config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=640)
     torch.manual_seed(0)
-    pt = {"model_args": config.to_dict(), "model": GPT(config).state_dict()}
-    torch.save(pt, tmp_path / "judge.pt")
+    save_slm_pt(tmp_path / "judge.pt", config, GPT(config).state_dict(), step=0)
     judge_dir = export(tmp_path / "judge.pt", tmp_path / "judge")
     stories.check(cfg_with(f"judge={judge_dir}"))
     judge = jd.make_judge(str(judge_dir), suite_cfg("suite.judge_max_tokens=5"))
