@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import (
 )
 from omegaconf import DictConfig, OmegaConf
 
+from slm.config import CONF_DIR
 from slm.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,26 @@ def chosen(cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def check(cfg: DictConfig) -> None:
-    """A one-line ``ConfigError`` for a tracker that is not one, a setting of the wrong kind,
-    or a tracker whose package is not installed (with the ``pip`` line that installs it)."""
-    for kind, settings in chosen(cfg).items():
+    """A one-line ``ConfigError`` for a tracker that is not one, a setting it does not have
+    (its settings: the keys of ``conf/logger/<kind>.yaml``; ``config.check_added_keys`` leaves
+    ``+logger.*`` to this), a setting of the wrong kind, or a tracker whose package is not
+    installed (with the ``pip`` line that installs it)."""
+    trackers = chosen(cfg)
+    for kind, settings in trackers.items():
         if kind not in KINDS:
             raise ConfigError(
                 f"logger.{kind} is not a tracker; choose from {', '.join(KINDS)} "
                 "(several: 'logger=[tensorboard,wandb]')"
             )
-        if kind in ("tensorboard", "csv") and settings:
-            raise ConfigError(f"logger.{kind} takes no settings (got {', '.join(settings)})")
+        known = list(OmegaConf.load(CONF_DIR / "logger" / f"{kind}.yaml")[kind] or {})
+        unknown = [str(name) for name in settings if name not in known]
+        if unknown and not known:
+            raise ConfigError(f"logger.{kind} takes no settings (got {', '.join(unknown)})")
+        if unknown:
+            raise ConfigError(
+                f"logger.{kind}.{unknown[0]} is not a setting of logger={kind}; its settings: "
+                f"{', '.join(known)} (conf/logger/{kind}.yaml)"
+            )
         if kind == "wandb":
             _check_wandb(settings)
         if kind == "mlflow":
@@ -74,8 +85,8 @@ def check(cfg: DictConfig) -> None:
                     f'logger={kind} needs the {module} package: pip install -e ".[{kind}]" '
                     f"(or pip install {module})"
                 )
-    if "mlflow" in chosen(cfg):
-        uri = tracking_uri(chosen(cfg)["mlflow"])
+    if "mlflow" in trackers:
+        uri = tracking_uri(trackers["mlflow"])
         missing = [m for m in SQL_PACKAGES if importlib.util.find_spec(m) is None]
         if uri.startswith("sqlite:") and missing:
             raise ConfigError(
