@@ -173,7 +173,6 @@ def story_suite(
     path = run_dir / "metrics.json"
     files.write_json(path, {**json.loads(path.read_text()), "stories": summary})
     scalars = {f"stories/{k}": v for k, v in stories.flat(summary).items()}
-    for logger in trainer.loggers:  # finalized by fit: log_metrics reopens, finalize flushes
+    for logger in trainer.loggers:  # after fit's finalize; slm.trackers.finish writes them out
         logger.log_metrics(scalars, step=trainer.global_step)
-        logger.finalize("success")
     log.info("story suite: %s", json.dumps(stories.flat(summary)))

@@ -6,9 +6,9 @@ default), Weights & Biases, MLflow and CSV, chosen by the ``logger`` config grou
 loggers and opens their runs (W&B and MLflow) before training, so that a store or a project
 that does not work stops the run at start, and logs the run's config to the trackers that
 compare runs by it; ``log_text`` sends a text (the sample stories) to each one that takes
-text; ``finish`` closes the runs with the run's status. The numbers (loss, learning rate,
-throughput, the story suite) reach every logger through Lightning: ``self.log``, the
-monitors and ``trainer.loggers``.
+text; ``finish`` finalizes every logger (and closes the runs) with the run's status. The
+numbers (loss, learning rate, throughput, the story suite) reach every logger through
+Lightning: ``self.log``, the monitors and ``trainer.loggers``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import (
     TensorBoardLogger,
     WandbLogger,
 )
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from slm.config import CONF_DIR
@@ -43,6 +44,8 @@ PACKAGES = {"wandb": ("wandb",), "mlflow": ("mlflow",)}
 SQL_PACKAGES = ("sqlalchemy", "alembic")  # MLflow's sqlite store; mlflow-skinny leaves them out
 # Lightning's finalize statuses (MLflow passes any other through as its own run status).
 STATUS = {"completed": "success", "interrupted": "KILLED", "failed": "failed"}
+# The loggers that take text (``log_text``); CSV takes numbers only.
+TEXT_LOGGERS = (TensorBoardLogger, WandbLogger, MLFlowLogger)
 
 
 def chosen(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -222,8 +225,9 @@ def build(kind: str, s: DictConfig, run_dir: Path) -> Logger:
         # dir it writes again), so the rows before the resume are kept.
         return CSVLogger(str(run_dir), name="csv")
     if kind == "wandb":
-        mode, why = wandb_mode(s.mode)
-        log.info("logger=wandb: %s (%s)", mode, why)
+        # rank 0 alone opens the run: the mode (a probe of the host) is found and said there
+        mode, why = rank_zero_only(wandb_mode, default=(None, None))(s.mode)
+        rank_zero_only(log.info)("logger=wandb: %s (%s)", mode, why)
         return WandbLogger(
             project=s.project, entity=s.entity, name=s.name or name,
             group=s.group or sweep and sweep[-128:],  # W&B's limit; the end tells sweeps apart
@@ -232,8 +236,10 @@ def build(kind: str, s: DictConfig, run_dir: Path) -> Logger:
         )  # fmt: skip
     uri = tracking_uri(s)
     experiment = s.experiment or sweep or "slm"
-    log.info("logger=mlflow: experiment %s in %s (mlflow ui --backend-store-uri %s)", experiment,
-             uri, uri)  # fmt: skip
+    rank_zero_only(log.info)(
+        "logger=mlflow: experiment %s in %s (mlflow ui --backend-store-uri %s)", experiment, uri,
+        uri,
+    )  # fmt: skip
     return MLFlowLogger(
         experiment_name=experiment, run_name=s.run_name or name, tracking_uri=uri,
         tags=dict(s.tags) or None, log_model=s.log_model, artifact_location=artifacts_of(uri),
@@ -286,23 +292,24 @@ def _started(kind: str, s: DictConfig, run_dir: Path) -> Logger:
 def log_text(loggers: list[Logger], key: str, text: str, step: int) -> None:
     """``text`` at ``step`` to each logger that takes text: TensorBoard's Text tab, a W&B table
     (a row: step, text), an MLflow artifact ``KEY/step-000020.txt``. CSV takes numbers only."""
-    for logger in loggers:
+    for logger in (lg for lg in loggers if isinstance(lg, TEXT_LOGGERS)):
         if isinstance(logger, TensorBoardLogger):
             # Markdown: two trailing spaces keep the text's line breaks.
             logger.experiment.add_text(key, text.replace("\n", "  \n"), step)
         elif isinstance(logger, WandbLogger):
             logger.log_text(key, columns=["step", "text"], data=[[step, text]], step=step)
-        elif isinstance(logger, MLFlowLogger):
+        else:  # MLflow
             logger.experiment.log_text(logger.run_id, text, f"{key}/step-{step:06d}.txt")
 
 
 def finish(loggers: list[Logger], status: str) -> None:
-    """Close the W&B and MLflow runs with the run's ``status`` (``completed``, ``interrupted``
-    or ``failed``: ``slm.outputs.run_status``), also where the run ended outside
-    ``Trainer.fit`` (which finalizes its loggers itself). A W&B run is finished here, not by
-    Lightning, so that the next job of a sweep in this process opens a run of its own."""
+    """Finalize every logger with the run's ``status`` (``completed``, ``interrupted`` or
+    ``failed``: ``slm.outputs.run_status``) once all is logged, the story suite's numbers
+    after ``Trainer.fit`` (whose own finalize comes before them) included, also where the
+    run ended outside ``Trainer.fit``: the files written out (TensorBoard, CSV), the MLflow
+    run closed. A W&B run is finished here, not by Lightning, so that the next job of a
+    sweep in this process opens a run of its own."""
     for logger in loggers:
+        logger.finalize(STATUS[status])
         if isinstance(logger, WandbLogger):
             logger.experiment.finish(exit_code=0 if status == "completed" else 1)
-        elif isinstance(logger, MLFlowLogger):
-            logger.finalize(STATUS[status])

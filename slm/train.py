@@ -151,12 +151,15 @@ def _same_request(config, tok: Tokenizer) -> bool:
 
 
 def main(cfg: DictConfig) -> float:
-    """``train.py``'s task: ``train(cfg)``, with a user's mistake or a divergence reported on
-    one line. In a multirun sweep the job returns a ``FailedJob`` (a NaN that carries the
-    reason) instead of exiting, so the sweep goes on with its other jobs and ``sweep.csv``
-    records this one as FAILED; a sweeper that minimizes (Optuna) sees a NaN, a failed trial.
+    """``train.py``'s task: its command line's added keys checked (``check_added_keys``; a
+    ``compose``d config is checked as it is composed) and ``train(cfg)``, with a user's
+    mistake or a divergence reported on one line. In a multirun sweep the job returns a
+    ``FailedJob`` (a NaN that carries the reason) instead of exiting, so the sweep goes on
+    with its other jobs and ``sweep.csv`` records this one as FAILED; a sweeper that
+    minimizes (Optuna) sees a NaN, a failed trial.
     A sweep that cannot work at all (``SweepError``) stops at its first job."""
     try:
+        check_added_keys(cfg)  # its command line's +key=value that nothing would read
         return train(cfg)
     except (SlmError, FloatingPointError) as e:
         if not in_multirun() or isinstance(e, SweepError):
@@ -186,7 +189,6 @@ def check_start(cfg: DictConfig) -> tuple[GPT | None, Tokenizer, Path, str | Non
     it says ``auto``), ``init_from``, the data (prepared if missing), the checkpoint to
     resume. Returns the ``init_from`` model (or None), the data's tokenizer, the run dir and
     the checkpoint path (or None)."""
-    check_added_keys(cfg)  # train.py's +key=value that nothing would read
     cfg = resolve_hardware(cfg)
     init = apply_init_from(cfg, model_overrides())  # sets cfg.model: before validate
     validate(cfg)
@@ -278,6 +280,7 @@ def _fit(
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     history = RunHistory()
     stop = StopOnSignal(str(ckpt_dir / "last.ckpt"))
+    text = any(isinstance(logger, trackers.TEXT_LOGGERS) for logger in loggers)
     callbacks = [
         best,
         last,
@@ -292,7 +295,8 @@ def _fit(
         TimeToMaxSteps(cfg.val_every_n_steps),
         history,
         stop,  # after history: its tokens are counted
-        SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens),
+        # a greedy story at each validation, for the loggers that take text (not CSV)
+        *([SampleStories(cfg.sample.prompt, cfg.sample.max_new_tokens)] if text else []),
     ]
     trainer_args = dict(cfg.trainer)
     # Validation every val_every_n_steps optimizer steps (Lightning counts micro-batches).
