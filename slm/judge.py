@@ -111,7 +111,8 @@ def parse_grades(reply: str) -> dict[str, dict] | None:
 class EndpointJudge:
     """An OpenAI-compatible server: ``POST {url}/chat/completions`` (stdlib HTTP), at
     temperature 0. ``url`` is the base URL as the openai client takes it
-    (``http://host:port/v1``; a bare ``http://host:port`` gets ``/v1``)."""
+    (``http://host:port/v1``; a bare ``http://host:port`` gets ``/v1``). ``workers``: how many
+    requests it is sent at once."""
 
     def __init__(
         self,
@@ -121,12 +122,13 @@ class EndpointJudge:
         retries: int = 2,
         max_tokens: int = 300,
         api_key: str | None = None,
+        workers: int = 1,
     ) -> None:
         base = url.rstrip("/")
         if urllib.parse.urlsplit(base).path == "":
             base += "/v1"
         self.url, self.timeout, self.retries, self.max_tokens = base, timeout, retries, max_tokens
-        self.api_key = api_key
+        self.api_key, self.workers = api_key, workers
         self.model = model or self._first_model()
 
     def _request(self, path: str, body: dict | None = None) -> dict:
@@ -197,6 +199,8 @@ class LocalJudge:
     """A ``transformers`` causal LM directory, loaded from local files only, greedy; the
     prompt goes through the tokenizer's chat template when it has one."""
 
+    workers = 1  # one model in this process: one prompt at a time
+
     def __init__(self, path: str | Path, device: str | torch.device, max_tokens: int = 300):
         from slm.hf import require  # transformers is the hf extra
 
@@ -253,6 +257,7 @@ def make_judge(target: str, suite: DictConfig, device: str | torch.device = "cpu
         return EndpointJudge(
             str(target), suite.judge_model, suite.judge_timeout, suite.judge_retries,
             suite.judge_max_tokens, os.environ.get(key_env) if key_env else None,
+            suite.judge_workers,
         )  # fmt: skip
     return LocalJudge(Path(str(target)).expanduser(), device, suite.judge_max_tokens)
 

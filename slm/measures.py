@@ -16,15 +16,20 @@ _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
 _UNIT = re.compile(r"[a-z0-9]+(?:'[a-z]+)*|\n|[^\sa-z0-9]")
 
 
+def _lower(text: str) -> str:
+    """``text`` lower-cased, with the typographic apostrophe (’) as a plain one (')."""
+    return text.lower().replace("’", "'")
+
+
 def words(text: str) -> list[str]:
     """Lower-cased words (letters, digits, inner apostrophes); punctuation is dropped."""
-    return _WORD.findall(text.lower().replace("’", "'"))
+    return _WORD.findall(_lower(text))
 
 
 def units(text: str) -> list[str]:
     """What the n-grams of ``distinct_n`` and ``repeat_rate`` are made of: the words, each
     punctuation mark and each line break (a model that loops on "\\n" or "!" repeats too)."""
-    return _UNIT.findall(text.lower().replace("’", "'"))
+    return _UNIT.findall(_lower(text))
 
 
 def ngrams(seq: Sequence[str], n: int) -> list[tuple[str, ...]]:
@@ -79,6 +84,8 @@ VERBS = frozenset(
 )
 # Nouns that set a scene rather than name a thing to carry on ("once upon a time").
 FILLER_NOUNS = frozenset("time day night morning lot bit way while kind thing things".split())
+_FUNCTION_OR_VERB = FUNCTION_WORDS | VERBS  # no noun after an adjective
+_NOT_NOUNS = _FUNCTION_OR_VERB | FILLER_NOUNS  # no noun after a determiner
 _WORD_CASED = re.compile(r"[A-Za-z]+(?:['’][a-z]+)*")
 _POSSESSIVE = re.compile(r"['’]s$")
 
@@ -86,7 +93,7 @@ _POSSESSIVE = re.compile(r"['’]s$")
 def _owner(word: str) -> str:
     """A possessive's owner ("Lily's" -> "Lily", "dog’s" -> "dog"), other words as they are;
     a function word's contraction stays whole ("let's": never a name)."""
-    if word.lower().replace("’", "'") in FUNCTION_WORDS:
+    if _lower(word) in FUNCTION_WORDS:
         return word
     return _POSSESSIVE.sub("", word)
 
@@ -106,7 +113,7 @@ def names_and_nouns(text: str) -> list[str]:
     tokens = [_owner(w) for w in _WORD_CASED.findall(text)]
     found: list[str] = []
     for i, w in enumerate(tokens):
-        low = w.lower().replace("’", "'")
+        low = _lower(w)
         if w[0].isupper() and low not in FUNCTION_WORDS and low not in ADJECTIVES:
             found.append(w)
         elif low in DETERMINERS:
@@ -114,7 +121,7 @@ def names_and_nouns(text: str) -> list[str]:
             while j + 1 < len(tokens) and j - i <= 3 and _adjective(tokens[j], tokens[j + 1]):
                 j += 1
             noun = tokens[j].lower() if j < len(tokens) else ""
-            if noun and tokens[j].islower() and noun not in FUNCTION_WORDS | VERBS | FILLER_NOUNS:
+            if noun and tokens[j].islower() and noun not in _NOT_NOUNS:
                 found.append(tokens[j])
     return list(dict.fromkeys(found))
 
@@ -124,7 +131,7 @@ def _adjective(word: str, following: str) -> bool:
     if low in ADJECTIVES:
         return True
     # A noun may follow ("a clumsy rabbit"), not a verb ("the puppy jumped").
-    noun = following.islower() and following not in FUNCTION_WORDS | VERBS
+    noun = following.islower() and following not in _FUNCTION_OR_VERB
     noun = noun and not following.endswith("ed")
     return noun and bool(_ADJECTIVE_END.search(low)) and low not in FUNCTION_WORDS
 

@@ -369,13 +369,13 @@ class Completion:
         self.prompt_tokens = sum(len(ids) for ids in prompts)
         total = len(prompts) * n
         self.tokens = [0] * total
-        self.texts = [""] * total
+        self.pieces: list[list[str]] = [[] for _ in range(total)]  # joined once, in whole()
         self.reasons: list[str | None] = [None] * total
         self.finished = 0
 
     @property
     def done(self) -> bool:
-        return self.finished == len(self.texts)
+        return self.finished == len(self.pieces)
 
     def add(self, i: int, event: Event) -> dict:
         """Fold ``event`` of prompt ``i``; its choice (the new text only). An ``error`` event
@@ -384,7 +384,7 @@ class Completion:
             raise ApiError(500, event.text, type="server_error")
         index = i * self.n + event.index
         self.tokens[index] = event.tokens
-        self.texts[index] += event.text
+        self.pieces[index].append(event.text)
         finish = event.finish_reason if event.kind == "finish" else None
         if event.kind == "finish":
             self.reasons[index] = finish
@@ -413,8 +413,8 @@ class Completion:
     def whole(self) -> dict:
         """The whole completion: every choice's text and finish reason, and the usage."""
         choices = [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(zip(self.texts, self.reasons))
+            {"index": i, "text": "".join(pieces), "logprobs": None, "finish_reason": reason}
+            for i, (pieces, reason) in enumerate(zip(self.pieces, self.reasons))
         ]
         return {**self.head, "choices": choices, "usage": self.usage()}
 

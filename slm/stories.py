@@ -45,7 +45,6 @@ from slm.decode import Decoder
 from slm.errors import ConfigError, DataError, SlmError, one_line
 from slm.judge import (
     GRADES,
-    EndpointJudge,
     is_url,
     judge_means,
     judge_records,
@@ -174,6 +173,12 @@ def _prompt(tok, opening: Opening, block_size: int) -> list[int]:
     return [tok.eot_id, *tok.encode(opening.text)][-(block_size - 1) :]
 
 
+def _limit(max_new_tokens: int, block_size: int, prompt: Sequence[int]) -> int:
+    """How many tokens ``prompt`` may take: ``max_new_tokens``, or fewer where the context
+    window (``block_size``) fills first."""
+    return min(max_new_tokens, block_size - len(prompt))
+
+
 def complete_batch(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -195,7 +200,7 @@ def complete_batch(
     T = model.config.block_size
     device = next(model.parameters()).device
     out: list[tuple[list[int], bool]] = [([], False) for _ in prompts]
-    limits = [min(max_new_tokens, T - len(p)) for p in prompts]
+    limits = [_limit(max_new_tokens, T, p) for p in prompts]
     decoder = Decoder(model, len(prompts))
     with decoder.running():
         seqs = [decoder.add(torch.tensor([list(p)], device=device)) for p in prompts]
@@ -242,7 +247,7 @@ def complete(model: GPT, tok, openings: Sequence[Opening], s: Settings) -> list[
             records.append({
                 "opening_index": i, "story": o.story, "mode": mode, "sample": sample,
                 "opening": o.text, "completion": text, "ended": ended, "tokens": len(ids),
-                "limit": min(s.max_new_tokens, model.config.block_size - len(prompts[i])),
+                "limit": _limit(s.max_new_tokens, model.config.block_size, prompts[i]),
                 "words": len(words(text)), "repeat_4gram": repeat_rate(text, 4),
                 "carryover": share, "carried": carried, "dropped": dropped,
             })  # fmt: skip
@@ -420,9 +425,8 @@ def run(
     summary["completions_file"] = str(out)
     if grader is not None:
         t0 = time.perf_counter()
-        workers = suite.judge_workers if isinstance(grader, EndpointJudge) else 1
         try:
-            summary["judge"] = judge_records(grader, rubric, records, workers)
+            summary["judge"] = judge_records(grader, rubric, records, grader.workers)
         except SlmError as e:
             if strict:
                 raise
