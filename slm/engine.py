@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextvars
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -174,7 +175,12 @@ class Engine:
                 ready.set()
             self._loop()
 
-        self._thread = threading.Thread(target=run, name="slm-engine", daemon=True)
+        # In this thread's context: torch's compile settings are context variables (dynamo's
+        # recompile limit, which a compiled Decoder raises by its graphs, among them).
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(run,), name="slm-engine", daemon=True
+        )
         self._thread.start()
         ready.wait()
         if failed:

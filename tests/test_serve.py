@@ -163,6 +163,21 @@ def engine(request):
     engine.close()
 
 
+def test_the_decode_thread_compiles_under_the_decoders_recompile_limit(story_model, monkeypatch):
+    """A compiled Decoder raises dynamo's recompile limit by its graphs; the engine compiles
+    them in its own thread, where torch's compile settings (context variables) started at
+    their defaults: a server process past 8 graphs of the step failed at start (fullgraph)."""
+    from slm.decode import Decoder
+
+    seen = []
+    monkeypatch.setattr(Decoder, "warm_up", lambda self: seen.append(
+        torch._dynamo.config.recompile_limit))  # fmt: skip
+    engine = Engine(story_model, TOK, max_batch=2, compile=True)
+    engine.start()
+    engine.close()
+    assert seen == [torch._dynamo.config.recompile_limit] and seen[0] > 8
+
+
 def test_compiled_engine_is_compiled_before_it_serves(story_model):
     """compile=True: start() compiles the step (here for 1 row: the trained model's config
     and batch size are those test_generate compiles, so the suite compiles them once); the
